@@ -1,0 +1,59 @@
+"""The one seam between the algorithm and a concrete SVD implementation (DESIGN.md).
+
+Everything in i2vedit_core outside `backends/` talks to SVD only through `SVDBackend`.
+Latent convention: (B, F, 4, h, w) float32, scaled by the VAE factor, as the UNet sees them.
+"""
+
+from dataclasses import dataclass, replace
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What SVD is conditioned on, for B videos of F frames.
+
+    image_embeds: (B, 1, D) CLIP image embedding.
+    image_latents: (B, F, 4, h, w) unscaled VAE latent concatenated to the UNet input.
+    time_ids: (B, 3) micro-conditioning, always [fps_id, motion_bucket_id, noise_aug_strength].
+    """
+    image_embeds: torch.Tensor
+    image_latents: torch.Tensor
+    time_ids: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.image_embeds.shape[0]
+
+    def zeros_like(self) -> "Conditioning":
+        """The unconditional branch of SVD's CFG: zero embedding and zero conditioning latent."""
+        return replace(self, image_embeds=torch.zeros_like(self.image_embeds),
+                       image_latents=torch.zeros_like(self.image_latents))
+
+    @staticmethod
+    def cat(*parts: "Conditioning") -> "Conditioning":
+        return Conditioning(torch.cat([p.image_embeds for p in parts]), torch.cat([p.image_latents for p in parts]),
+                            torch.cat([p.time_ids for p in parts]))
+
+
+@runtime_checkable
+class SVDBackend(Protocol):
+    """A loaded SVD model: VAE, CLIP image encoder and the denoiser.
+
+    Frames are float (N, 3, H, W) in [-1, 1]; H and W are multiples of 64.
+    """
+    device: torch.device
+    latent_scale: float  # VAE scaling factor (0.18215 for SVD)
+
+    def encode(self, frames: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
+        """VAE mode of each frame, scaled: (N, 4, H/8, W/8) float32."""
+
+    def decode(self, latents: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
+        """Frames (N, 3, H, W) float32 in [-1, 1] from scaled latents (N, 4, h, w) of one clip."""
+
+    def image_embedding(self, frames: torch.Tensor) -> torch.Tensor:
+        """CLIP image embedding (N, D) float32 of each frame."""
+
+    def denoise(self, x: torch.Tensor, sigma: float, cond: Conditioning) -> torch.Tensor:
+        """D(x, sigma | cond) for x (B, F, 4, h, w) float32; returns float32 of the same shape."""

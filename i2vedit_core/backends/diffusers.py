@@ -1,0 +1,69 @@
+"""SVD on diffusers: UNetSpatioTemporalConditionModel + AutoencoderKLTemporalDecoder + CLIP vision.
+
+The CI backend: the whole algorithm runs on it with tiny random-weight models. Loading from
+disk lives in `diffusers_loading.py`.
+"""
+
+from typing import Optional
+
+import torch
+from kornia.geometry.transform import resize
+
+from ..schedule import edm_v_preconditioning
+from .base import Conditioning
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class DiffusersBackend:
+    """Implements `SVDBackend` on diffusers modules (already on `device`, in their run dtype)."""
+
+    def __init__(self, unet, vae, image_encoder, device: Optional[torch.device] = None):
+        self.unet, self.vae, self.image_encoder = unet, vae, image_encoder
+        self.device = torch.device(device) if device is not None else next(unet.parameters()).device
+        self.dtype = next(unet.parameters()).dtype
+        self.latent_scale = float(vae.config.scaling_factor)
+        self.clip_size = int(image_encoder.config.image_size)
+        for module in (unet, vae, image_encoder):
+            module.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
+        vae_dtype = self.vae.dtype
+        latents = [self.vae.encode(chunk.to(self.device, vae_dtype)).latent_dist.mode()
+                   for chunk in frames.split(chunk_size)]
+        return torch.cat(latents).float() * self.latent_scale
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
+        vae_dtype = self.vae.dtype
+        frames = []
+        for chunk in latents.split(chunk_size):
+            z = (chunk / self.latent_scale).to(self.device, vae_dtype)
+            frames.append(self.vae.decode(z, num_frames=len(chunk)).sample.float())
+        return torch.cat(frames).clamp(-1, 1)
+
+    @torch.no_grad()
+    def image_embedding(self, frames: torch.Tensor) -> torch.Tensor:
+        # Same preprocessing as diffusers' SVD pipeline (its resize is kornia's, bitwise): antialiased
+        # bicubic resize in [-1, 1] to the encoder's square size, no crop.
+        pixels = resize(frames.float().to(self.device), (self.clip_size, self.clip_size), interpolation="bicubic",
+                        align_corners=True, antialias=True)
+        pixels = (pixels + 1) / 2
+        mean = torch.tensor(CLIP_MEAN, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD, device=self.device).view(1, 3, 1, 1)
+        pixels = ((pixels - mean) / std).to(self.image_encoder.dtype)
+        return self.image_encoder(pixels).image_embeds.float()
+
+    def denoise(self, x: torch.Tensor, sigma: float, cond: Conditioning) -> torch.Tensor:
+        if cond.batch_size != x.shape[0]:
+            raise ValueError(f"conditioning batch {cond.batch_size} does not match latent batch {x.shape[0]}")
+        pre = edm_v_preconditioning(sigma)
+        x = x.to(self.device, torch.float32)
+        model_in = torch.cat([x * pre.c_in, cond.image_latents.to(x)], dim=2)
+        timestep = torch.tensor(pre.c_noise, dtype=torch.float32, device=self.device)
+        v = self.unet(model_in.to(self.device, self.dtype), timestep,
+                      encoder_hidden_states=cond.image_embeds.to(self.device, self.dtype),
+                      added_time_ids=cond.time_ids.to(self.device, self.dtype), return_dict=False)[0]
+        return pre.c_skip * x + pre.c_out * v.float()

@@ -1,0 +1,54 @@
+"""Building SVD conditioning from frames (ALGORITHM.md sections 0, 3 and 5)."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .backends.base import Conditioning, SVDBackend
+
+
+@dataclass(frozen=True)
+class MicroConditioning:
+    fps_id: int = 6
+    motion_bucket_id: int = 127
+    noise_aug_strength: float = 0.02
+
+    def time_ids(self, device) -> torch.Tensor:
+        # The order [fps_id, motion_bucket, noise_aug] is what SVD was trained with; the official
+        # training code swaps two of them by mistake.
+        return torch.tensor([[self.fps_id, self.motion_bucket_id, self.noise_aug_strength]],
+                            dtype=torch.float32, device=device)
+
+
+def frame_conditioning(backend: SVDBackend, frame: torch.Tensor, num_frames: int,
+                       micro: MicroConditioning = MicroConditioning(),
+                       generator: Optional[torch.Generator] = None) -> Conditioning:
+    """Conditioning on one frame (3, H, W) in [-1, 1], as SVD's pipeline builds it (batch 1).
+
+    The conditioning latent is the VAE mode of the frame with `noise_aug_strength` pixel noise,
+    unscaled, repeated over the frames.
+    """
+    embeds = backend.image_embedding(frame[None])
+    noise = _randn(frame.shape, generator, frame.device)
+    latent = backend.encode((frame + micro.noise_aug_strength * noise)[None]) / backend.latent_scale
+    return latent_conditioning(embeds, latent, num_frames, micro)
+
+
+def latent_conditioning(embeds: torch.Tensor, latent: torch.Tensor, num_frames: int,
+                        micro: MicroConditioning = MicroConditioning()) -> Conditioning:
+    """Conditioning from a CLIP embedding (1, D) and an unscaled latent (1, 4, h, w)."""
+    image_latents = latent[:, None].expand(-1, num_frames, -1, -1, -1).contiguous()
+    return Conditioning(embeds[:, None].float(), image_latents.float(), micro.time_ids(latent.device))
+
+
+def with_latent_noise(cond: Conditioning, strength: float, generator: Optional[torch.Generator] = None) -> Conditioning:
+    """Add `strength` Gaussian noise in latent space to the conditioning latent (one draw, all frames)."""
+    first = cond.image_latents[:, :1]
+    noisy = first + strength * _randn(first.shape, generator, first.device)
+    return Conditioning(cond.image_embeds, noisy.expand_as(cond.image_latents).contiguous(), cond.time_ids)
+
+
+def _randn(shape, generator: Optional[torch.Generator], device) -> torch.Tensor:
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn(shape, generator=generator, device=gen_device).to(device)

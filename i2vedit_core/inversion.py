@@ -1,0 +1,67 @@
+"""EDM inversion of a source clip (ALGORITHM.md sections 2-3): SARP, encode, run the ODE upward."""
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+from .backends.base import Conditioning, SVDBackend
+from .conditioning import MicroConditioning, frame_conditioning
+from .frames import as_frame_batch
+from .sampling import StepCallback, invert
+from .sarp import SARP_ALPHA, SARP_THRESHOLD, perturb_smooth_areas
+from .schedule import inversion_sigmas
+
+
+@dataclass(frozen=True)
+class InversionSettings:
+    steps: int = 25
+    sarp_alpha: float = SARP_ALPHA
+    sarp_threshold: float = SARP_THRESHOLD
+    # The official code conditions inversion on fps id 8 (it skips SVD's fps - 1).
+    micro: MicroConditioning = field(default_factory=lambda: MicroConditioning(fps_id=8))
+    seed: int = 0
+
+
+@dataclass
+class Inversion:
+    """The inversion of one clip: everything later stages need from it.
+
+    sigmas: ascending (steps + 1,), float64. latents: (steps + 1, 1, F, 4, h, w) float32, the latent
+    at each sigma; latents[-1] is the starting noise for editing. cond: the source conditioning.
+    """
+    sigmas: torch.Tensor
+    latents: torch.Tensor
+    cond: Conditioning
+
+    def latent_at(self, sigma: float) -> torch.Tensor:
+        """The stored latent whose sigma is nearest to `sigma` (in log space)."""
+        distance = (self.sigmas.log() - torch.tensor(float(sigma)).log()).abs()
+        return self.latents[int(distance.argmin())]
+
+    @property
+    def noise(self) -> torch.Tensor:
+        return self.latents[-1]
+
+
+def invert_clip(backend: SVDBackend, frames: torch.Tensor, settings: InversionSettings = InversionSettings(),
+                callback: Optional[StepCallback] = None) -> Inversion:
+    """SARP -> VAE encode -> 'steps' upward Euler steps of the base model (no CFG, no LoRA)."""
+    frames = as_frame_batch(frames, "source clip", min_frames=2).to(backend.device)
+    generator = torch.Generator(device=backend.device).manual_seed(settings.seed)
+    # One SARP draw covers the clip and its conditioning copy of frame 0, as in the official code.
+    perturbed = perturb_smooth_areas(torch.cat([frames[:1], frames]), settings.sarp_alpha, settings.sarp_threshold,
+                                     generator)
+    cond_frame, clip = perturbed[0], perturbed[1:]
+    cond = frame_conditioning(backend, cond_frame, len(clip), settings.micro, generator)
+    x0 = backend.encode(clip)[None]
+    sigmas = inversion_sigmas(settings.steps)
+    latents = invert(lambda x, sigma, step: backend.denoise(x, sigma, cond), x0, sigmas, callback=callback)
+    return Inversion(sigmas, latents, cond)
+
+
+def invert_clips(backend: SVDBackend, clips: List[torch.Tensor], settings: InversionSettings = InversionSettings(),
+                 callback: Optional[StepCallback] = None) -> List[Inversion]:
+    if len(clips) == 0:
+        raise ValueError("no clips to invert: split the video with clips.split_clips first (it needs >= 2 frames)")
+    return [invert_clip(backend, clip, settings, callback) for clip in clips]

@@ -1,0 +1,69 @@
+"""Inversion and denoising loops, shaped like k-diffusion's samplers.
+
+`model(x, sigma, **extra_args)` is a denoiser: it returns D(x, sigma), the model's estimate
+of the clean latent. Latents and the Euler update stay float32 whatever the model runs in.
+`callback`, if given, is called once per step with a dict; raising from it cancels the loop
+(ComfyUI's progress callback raises on Cancel the same way). Both loops pass `step=i` to the
+model so step-dependent attention control never has to count calls.
+"""
+
+from typing import Callable, Optional
+
+import torch
+
+from .schedule import euler_step
+
+Denoiser = Callable[..., torch.Tensor]
+StepCallback = Callable[[dict], None]
+
+
+@torch.no_grad()
+def invert(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Optional[dict] = None,
+           callback: Optional[StepCallback] = None) -> torch.Tensor:
+    """Run the ODE upward from a clean latent along ascending `sigmas`.
+
+    `x` is treated as the latent at sigmas[0] (> 0). Returns a tensor of shape
+    (len(sigmas), *x.shape): the latent at every sigma, index i at sigmas[i]; the last entry
+    is the inverted noise latent at sigma_max.
+    """
+    _check_sigmas(sigmas, ascending=True)
+    extra_args = extra_args or {}
+    x = x.float()
+    trajectory = [x]
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = model(x, sigma, step=i, **extra_args).float()
+        x = euler_step(x, denoised, sigma, sigma_next)
+        trajectory.append(x)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
+    return torch.stack(trajectory)
+
+
+@torch.no_grad()
+def denoise(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Optional[dict] = None,
+            callback: Optional[StepCallback] = None) -> torch.Tensor:
+    """Deterministic Euler sampling along descending `sigmas` (ending at 0). Returns the final latent.
+
+    """
+    _check_sigmas(sigmas, ascending=False)
+    extra_args = extra_args or {}
+    x = x.float()
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = model(x, sigma, step=i, **extra_args).float()
+        x = denoised if sigma_next == 0 else euler_step(x, denoised, sigma, sigma_next)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
+    return x
+
+
+def _check_sigmas(sigmas: torch.Tensor, ascending: bool) -> None:
+    if sigmas.ndim != 1 or len(sigmas) < 2:
+        raise ValueError("sigmas must be a 1-d tensor with at least 2 values")
+    steps = sigmas[1:] - sigmas[:-1]
+    if ascending and not (bool((steps > 0).all()) and float(sigmas[0]) > 0):
+        raise ValueError("inversion needs strictly ascending sigmas starting above 0 "
+                         "(use schedule.inversion_sigmas)")
+    if not ascending and not bool((steps < 0).all()):
+        raise ValueError("denoising needs strictly descending sigmas (use schedule.denoising_sigmas)")

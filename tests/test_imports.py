@@ -1,0 +1,48 @@
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+CORE = Path(__file__).resolve().parents[1] / "i2vedit_core"
+HOST_MODULES = {"comfy", "comfy_api", "comfy_extras", "folder_paths", "nodes", "server", "execution"}
+
+
+def imported_roots(path: Path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from (alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module.split(".")[0]
+
+
+def test_core_imports_no_comfyui_outside_its_backend():
+    offenders = {str(p.relative_to(CORE)): sorted(set(imported_roots(p)) & HOST_MODULES)
+                 for p in CORE.rglob("*.py") if p.name != "comfy.py"}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+NO_NETWORK = """
+import socket
+def refuse(*args, **kwargs):
+    raise OSError("network access attempted")
+socket.socket.connect = refuse
+socket.socket.connect_ex = refuse
+socket.create_connection = refuse
+socket.getaddrinfo = refuse
+import importlib, pkgutil, i2vedit_core
+for module in pkgutil.walk_packages(i2vedit_core.__path__, "i2vedit_core."):
+    if module.name != "i2vedit_core.backends.comfy":
+        importlib.import_module(module.name)
+from i2vedit_core.tiny import tiny_backend, synthetic_clip
+from i2vedit_core.inversion import InversionSettings, invert_clip
+inversion = invert_clip(tiny_backend(), synthetic_clip(3), InversionSettings(steps=2))
+print("ok", tuple(inversion.latents.shape))
+"""
+
+
+def test_import_and_run_without_network(tmp_path):
+    env = {"PATH": "", "HOME": str(tmp_path), "PYTHONPATH": str(CORE.parent)}  # no HF_HUB_OFFLINE on purpose
+    result = subprocess.run([sys.executable, "-c", NO_NETWORK], capture_output=True, text=True, env=env,
+                            timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ok (3, 1, 3, 4, 8, 8)" in result.stdout
