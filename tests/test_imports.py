@@ -31,7 +31,7 @@ socket.create_connection = refuse
 socket.getaddrinfo = refuse
 import importlib, pkgutil, i2vedit_core
 for module in pkgutil.walk_packages(i2vedit_core.__path__, "i2vedit_core."):
-    if module.name != "i2vedit_core.backends.comfy":
+    if module.name not in ("i2vedit_core.backends.comfy", "i2vedit_core.__main__"):
         importlib.import_module(module.name)
 from i2vedit_core.tiny import tiny_backend, synthetic_clip
 from i2vedit_core.inversion import InversionSettings, invert_clip
