@@ -55,5 +55,12 @@ class SVDBackend(Protocol):
     def image_embedding(self, frames: torch.Tensor) -> torch.Tensor:
         """CLIP image embedding (N, D) float32 of each frame."""
 
-    def denoise(self, x: torch.Tensor, sigma: float, cond: Conditioning) -> torch.Tensor:
-        """D(x, sigma | cond) for x (B, F, 4, h, w) float32; returns float32 of the same shape."""
+    def denoise(self, x: torch.Tensor, sigma: float, cond: Conditioning, attention=None,
+                lora_scale: float = 1.0) -> torch.Tensor:
+        """D(x, sigma | cond) for x (B, F, 4, h, w) float32; returns float32 of the same shape.
+
+        attention: an attention controller (i2vedit_core.attention) that every spatial and temporal
+        self-attention call of this evaluation goes through; None = plain attention.
+        lora_scale: scale of the motion LoRA if one is attached (0 = base model); ignored without one.
+        Differentiable: training calls it under autograd; sampling loops wrap it in no_grad.
+        """

@@ -11,6 +11,8 @@ from kornia.geometry.transform import resize
 
 from ..schedule import edm_v_preconditioning
 from .base import Conditioning
+from .diffusers_attention import use_attention
+from .diffusers_lora import use_lora_scale
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -56,14 +58,16 @@ class DiffusersBackend:
         pixels = ((pixels - mean) / std).to(self.image_encoder.dtype)
         return self.image_encoder(pixels).image_embeds.float()
 
-    def denoise(self, x: torch.Tensor, sigma: float, cond: Conditioning) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, sigma: float, cond: Conditioning, attention=None,
+                lora_scale: float = 1.0) -> torch.Tensor:
         if cond.batch_size != x.shape[0]:
             raise ValueError(f"conditioning batch {cond.batch_size} does not match latent batch {x.shape[0]}")
         pre = edm_v_preconditioning(sigma)
         x = x.to(self.device, torch.float32)
         model_in = torch.cat([x * pre.c_in, cond.image_latents.to(x)], dim=2)
         timestep = torch.tensor(pre.c_noise, dtype=torch.float32, device=self.device)
-        v = self.unet(model_in.to(self.device, self.dtype), timestep,
-                      encoder_hidden_states=cond.image_embeds.to(self.device, self.dtype),
-                      added_time_ids=cond.time_ids.to(self.device, self.dtype), return_dict=False)[0]
+        with use_attention(self.unet, attention), use_lora_scale(self.unet, lora_scale):
+            v = self.unet(model_in.to(self.device, self.dtype), timestep,
+                          encoder_hidden_states=cond.image_embeds.to(self.device, self.dtype),
+                          added_time_ids=cond.time_ids.to(self.device, self.dtype), return_dict=False)[0]
         return pre.c_skip * x + pre.c_out * v.float()
