@@ -46,3 +46,22 @@ def test_import_and_run_without_network(tmp_path):
                             timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ok (3, 1, 3, 4, 8, 8)" in result.stdout
+
+
+def test_pack_imports_as_a_package_under_a_non_identifier_folder_name(tmp_path):
+    import importlib.util
+    import shutil
+    pack = tmp_path / "ComfyUI-I2VEdit"
+    shutil.copytree(CORE.parent / "nodes", pack / "nodes")
+    shutil.copy(CORE.parent / "__init__.py", pack / "__init__.py")
+    spec = importlib.util.spec_from_file_location("ComfyUI-I2VEdit", pack / "__init__.py",
+                                                  submodule_search_locations=[str(pack)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)  # what ComfyUI's load_custom_node does
+    finally:
+        sys.modules.pop(spec.name, None)
+        sys.modules.pop("ComfyUI-I2VEdit.nodes", None)
+    assert module.WEB_DIRECTORY == "./js"
+    assert callable(module.comfy_entrypoint)
