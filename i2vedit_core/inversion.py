@@ -5,6 +5,7 @@ from typing import List, Optional
 
 import torch
 
+from .attention.skip import KVSource, SkipInterval
 from .backends.base import Conditioning, SVDBackend
 from .conditioning import MicroConditioning, frame_conditioning
 from .frames import as_frame_batch
@@ -45,8 +46,12 @@ class Inversion:
 
 
 def invert_clip(backend: SVDBackend, frames: torch.Tensor, settings: InversionSettings = InversionSettings(),
-                callback: Optional[StepCallback] = None) -> Inversion:
-    """SARP -> VAE encode -> 'steps' upward Euler steps of the base model (no CFG, no LoRA)."""
+                callback: Optional[StepCallback] = None, clip0: Optional["Inversion"] = None) -> Inversion:
+    """SARP -> VAE encode -> 'steps' upward Euler steps of the base model (no CFG, no LoRA).
+
+    clip0: the inversion of source clip 0, for a clip >= 1 with skip-interval attention (ALGORITHM §6):
+    every temporal attn1 also attends to clip 0's K/V, recomputed from its latent at the same sigma.
+    """
     frames = as_frame_batch(frames, "source clip", min_frames=2).to(backend.device)
     generator = torch.Generator(device=backend.device).manual_seed(settings.seed)
     # One SARP draw covers the clip and its conditioning copy of frame 0, as in the official code.
@@ -56,7 +61,12 @@ def invert_clip(backend: SVDBackend, frames: torch.Tensor, settings: InversionSe
     cond = frame_conditioning(backend, cond_frame, len(clip), settings.micro, generator)
     x0 = backend.encode(clip)[None]
     sigmas = inversion_sigmas(settings.steps)
-    latents = invert(lambda x, sigma, step: backend.denoise(x, sigma, cond), x0, sigmas, callback=callback)
+    if clip0 is None:
+        model = lambda x, sigma, step: backend.denoise(x, sigma, cond)
+    else:
+        skip = SkipInterval(backend, KVSource.from_inversion(clip0))
+        model = lambda x, sigma, step: skip.denoise(x, sigma, cond, lora_scale=0.0, rows=("source",))
+    latents = invert(model, x0, sigmas, callback=callback)
     return Inversion(sigmas, latents, cond)
 
 

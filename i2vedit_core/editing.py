@@ -1,0 +1,127 @@
+"""Matched denoising of one clip (ALGORITHM §5): the edit steered by recomputed source attention.
+
+Each of the `steps` Euler steps runs, in one controller step:
+  [clip-0 K/V forwards when skip-interval is on (ALGORITHM §6)]
+  a base-model forward (LoRA off) on the source inversion latent at the matching sigma with the
+  source conditioning, capturing spatial q/k and temporal probabilities;
+  the edit forward with CFG, batch [uncond, cond], consuming them on the cond rows only.
+Nothing is stored across steps but the difference maps and the (small) latent trajectory.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .attention import AttentionController, DifferenceMaps, KVSource, MatchSettings, capture_clip0_kv
+from .attention.controller import CFG_ROWS
+from .backends.base import Conditioning, SVDBackend
+from .conditioning import with_latent_noise
+from .inversion import Inversion
+from .sampling import StepCallback, denoise
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    matching: MatchSettings = field(default_factory=MatchSettings)
+    min_guidance: float = 1.0      # CFG scale of frame 0, linear to max_guidance at the last frame
+    max_guidance: float = 2.5
+    cond_latent_noise: float = 0.02
+    source_step_offset: int = 0    # 1 = the official code's source sigma, one step lower
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.source_step_offset not in (0, 1):
+            raise ValueError(f"source_step_offset must be 0 or 1 (official), got {self.source_step_offset}")
+
+
+@dataclass
+class EditResult:
+    """latent: (1, F, 4, h, w) final edit. sigmas: the descending sigmas (steps + 1). latents: (steps, 1, F,
+    4, h, w), the latent entering each step. cond: the CFG conditioning used, rows [uncond, cond].
+    maps: difference maps M (`maps.per_layer()`, `maps.average()`: (1, F, h, w), mean over steps)."""
+    latent: torch.Tensor
+    sigmas: torch.Tensor
+    latents: torch.Tensor
+    cond: Conditioning
+    maps: DifferenceMaps
+
+    def latent_at(self, sigma: float) -> torch.Tensor:
+        distance = (self.sigmas[:-1].log() - torch.tensor(float(sigma)).log()).abs()
+        return self.latents[int(distance.argmin())]
+
+    def kv_source(self, lora_scale: float = 0.0) -> KVSource:
+        """This edit as the clip 0 of later clips: both CFG rows, as the official code keeps them."""
+        return KVSource(self.latent_at, self.cond, CFG_ROWS, lora_scale)
+
+
+@dataclass(frozen=True)
+class Clip0:
+    """Skip-interval inputs of a clip >= 1: K/V sources of source clip 0 and of edited clip 0."""
+    source: KVSource
+    edit: KVSource
+
+    @staticmethod
+    def of(inversion: Inversion, edit: EditResult, lora_scale: float = 0.0) -> "Clip0":
+        """lora_scale: of the edited clip-0 recompute; this backend holds one clip's LoRA at a time,
+        so 0 (base model) stands in for clip 0's own LoRA."""
+        return Clip0(KVSource.from_inversion(inversion), edit.kv_source(lora_scale))
+
+
+def edit_clip(backend: SVDBackend, inversion: Inversion, edit_cond: Conditioning,
+              settings: EditSettings = EditSettings(), lora_scale: float = 1.0,
+              callback: Optional[StepCallback] = None, clip0: Optional[Clip0] = None) -> EditResult:
+    """Denoise `inversion.noise` under `edit_cond` (batch 1, clean conditioning latent) with matching.
+
+    The callback dict also has "masks" (spatial layer path -> M (1, F, N) of that step) and
+    "temporal_source" (temporal layer paths that used the source probabilities).
+    """
+    if edit_cond.batch_size != 1 or edit_cond.image_latents.shape[1] != inversion.latents.shape[2]:
+        raise ValueError("edit conditioning must be one video with the clip's frame count "
+                         "(conditioning.latent_conditioning(embeds, latent, num_frames))")
+    steps = len(inversion.sigmas) - 1
+    controller = AttentionController(settings.matching, steps, skip_interval=clip0 is not None)
+    generator = torch.Generator(device=edit_cond.image_latents.device).manual_seed(settings.seed)
+    cond = with_latent_noise(edit_cond, settings.cond_latent_noise, generator)
+    cfg_cond = Conditioning.cat(edit_cond.zeros_like(), cond)
+    frames = edit_cond.image_latents.shape[1]
+    guidance = torch.linspace(settings.min_guidance, settings.max_guidance, frames).view(1, frames, 1, 1, 1)
+    trajectory = []
+
+    def model(x, sigma, step):
+        trajectory.append(x)
+        controller.begin_step(step)
+        _source_forward(backend, controller, inversion, steps - step - settings.source_step_offset, clip0)
+        if clip0 is not None:
+            capture_clip0_kv(backend, controller, clip0.edit, sigma)
+        denoised = backend.denoise(torch.cat([x, x]), sigma, cfg_cond, attention=controller.edit_pass(CFG_ROWS),
+                                   lora_scale=lora_scale)
+        controller.release()
+        uncond, cond_ = denoised.chunk(2)
+        return uncond + guidance.to(uncond) * (cond_ - uncond)
+
+    def report(info):
+        if callback is not None:
+            callback(dict(info, masks=dict(controller.buffer.masks),
+                          temporal_source=set(controller.buffer.temporal_source)))
+
+    sigmas = torch.cat([inversion.sigmas[1:].flip(0), torch.zeros(1, dtype=inversion.sigmas.dtype)])
+    try:
+        latent = denoise(model, inversion.noise, sigmas, callback=report)
+    finally:
+        controller.end()
+    return EditResult(latent, sigmas, torch.stack(trajectory), cfg_cond, controller.maps)
+
+
+def _source_forward(backend, controller: AttentionController, inversion: Inversion, index: int,
+                    clip0: Optional[Clip0]) -> None:
+    """Base model on the stored source latent inversion.latents[index] at its own sigma (capture)."""
+    matching = controller.settings
+    if not (matching.match_spatial or matching.match_temporal):
+        return
+    sigma = float(inversion.sigmas[index])
+    if clip0 is not None:
+        capture_clip0_kv(backend, controller, clip0.source, sigma)
+    with torch.no_grad():
+        backend.denoise(inversion.latents[index], sigma, inversion.cond, attention=controller.source_pass(),
+                        lora_scale=0.0)
