@@ -1,0 +1,213 @@
+"""SVD on ComfyUI's own objects: the `SVDBackend` protocol over MODEL, CLIP_VISION and VAE.
+
+The inputs are what ComfyUI's `Image Only Checkpoint Loader` returns: MODEL (a ModelPatcher of
+`model_base.SVD_img2vid`), CLIP_VISION (`comfy.clip_vision.ClipVisionModel`) and VAE
+(`comfy.sd.VAE`). This is the only module of `i2vedit_core` that imports ComfyUI, and only
+lazily, so the core still imports where ComfyUI is absent.
+
+Conventions shared with the diffusers backend, so both give the same numbers on the same weights:
+- latents are scaled by the model's latent format (SD15: x 0.18215) and float32;
+- `Conditioning.time_ids` holds SVD's fps id (fps - 1); ComfyUI's `encode_adm` takes fps and
+  subtracts 1, so it is given fps id + 1;
+- the CLIP image embedding resizes the whole frame to the encoder's square size (antialiased
+  bicubic, no crop, no 8-bit rounding), as diffusers' SVD pipeline and the official I2VEdit code
+  do. ComfyUI's `SVD_img2vid_Conditioning` (`encode_image(crop=True)`) instead centre-crops to a
+  square and rounds to 8 bits, which for a 16:9 frame drops the left and right 22 % of the
+  picture: I2VEdit conditions on the whole frame, so this backend does too.
+
+MODEL is never mutated: everything this backend adds lives on a clone (`self.patcher`).
+"""
+
+from typing import List, Optional
+
+import torch
+from kornia.geometry.transform import resize
+
+from .base import Conditioning
+
+NOT_SVD_MODEL = ("MODEL is not a Stable Video Diffusion img2vid model ({found}): load an SVD checkpoint "
+                 "(svd.safetensors / svd_xt.safetensors) with the Image Only Checkpoint Loader")
+LORA_NOT_YET = ("the motion LoRA is not yet available in the ComfyUI backend (weight-wrapper adapters on "
+                "the temporal blocks are being built); a LoRA applied upstream with LoraLoaderModelOnly works")
+
+
+class ComfyBackend:
+    """Implements `SVDBackend` on ComfyUI's MODEL, CLIP_VISION and VAE (see the module docstring)."""
+
+    def __init__(self, model, clip_vision, vae):
+        check_svd_model(model)
+        check_clip_vision(clip_vision)
+        check_vae(vae)
+        # Attention and LoRA patches go on this clone only; the caller's MODEL stays as given.
+        self.patcher = model.clone()
+        self.clip_vision, self.vae = clip_vision, vae
+        self.device = torch.device(self.patcher.load_device)
+        self.latent_format = self.patcher.get_model_object("latent_format")
+        self.latent_scale = float(self.latent_format.scale_factor)
+
+    # --- VAE ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
+        # ComfyUI IMAGE layout (N, H, W, 3) in [0, 1]; VAE.encode maps it back to [-1, 1] itself.
+        pixels = ((frames.float() + 1) / 2).movedim(1, -1)
+        raw = torch.cat([self.vae.encode(chunk) for chunk in pixels.split(chunk_size)])
+        return self.latent_format.process_in(raw.float()).to(self.device)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
+        # One VAE.decode call per chunk: the SVD decoder mixes frames within a call, so chunks
+        # must be the same as the diffusers backend's (num_frames = len(chunk)) to agree.
+        raw = self.latent_format.process_out(latents.float())
+        frames = [self.vae.decode(chunk).float() for chunk in raw.split(chunk_size)]
+        return (torch.cat(frames).movedim(-1, 1) * 2 - 1).clamp(-1, 1).to(self.device)
+
+    # --- CLIP vision -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def image_embedding(self, frames: torch.Tensor) -> torch.Tensor:
+        import comfy.model_management
+
+        clip = self.clip_vision
+        comfy.model_management.load_model_gpu(clip.patcher)
+        size = int(clip.image_size)
+        # Whole frame, no crop (module docstring); kornia's resize is the one diffusers uses.
+        pixels = resize(frames.float().to(clip.load_device), (size, size), interpolation="bicubic",
+                        align_corners=True, antialias=True)
+        mean = torch.tensor(clip.image_mean, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(clip.image_std, device=pixels.device).view(1, 3, 1, 1)
+        pixels = ((pixels + 1) / 2 - mean) / std
+        # Same call as ClipVisionModel.encode_image; output index 2 is `image_embeds`.
+        out = clip.model(pixel_values=pixels, intermediate_output=-2)
+        return out[2].float().to(self.device)
+
+    # --- denoiser ----------------------------------------------------------------------------
+
+    def denoise(self, x: torch.Tensor, sigma: float, cond: Conditioning, attention=None,
+                lora_scale: float = 1.0) -> torch.Tensor:
+        """D(x, sigma | cond) through ComfyUI's own `apply_model` (v-prediction EDM preconditioning).
+
+        lora_scale: no motion LoRA can be attached to this backend yet, so every scale means the
+        base model (the protocol ignores the scale without a LoRA).
+        """
+        if attention is not None:
+            raise NotImplementedError("attention control is not yet available in the ComfyUI backend "
+                                      "(object patches of the 32 attn1 modules are being built)")
+        if x.ndim != 5:
+            raise ValueError(f"latents must be (B, F, 4, h, w), got shape {tuple(x.shape)}")
+        batch, frames = x.shape[:2]
+        if cond.batch_size != batch:
+            raise ValueError(f"conditioning batch {cond.batch_size} does not match latent batch {batch}")
+        self.load(x.shape)
+        flat = x.to(self.device, torch.float32).flatten(0, 1)  # ComfyUI: frames are the batch axis
+        sigmas = torch.full((flat.shape[0],), float(sigma), dtype=torch.float32, device=self.device)
+        inputs = dict(c_concat=cond.image_latents.to(self.device, torch.float32).flatten(0, 1),
+                      c_crossattn=cond.image_embeds.to(self.device).repeat_interleave(frames, 0),
+                      y=self.adm(cond.time_ids).repeat_interleave(frames, 0), num_video_frames=frames)
+        chunks = [0] * batch  # every video is a "positive" chunk; CFG rows are the caller's layout
+        inputs["transformer_options"] = denoise_transformer_options(self.patcher, chunks, sigmas)
+        out = call_apply_model(self.patcher, flat, sigmas, inputs, chunks)
+        return out.float().view_as(x)
+
+    def adm(self, time_ids: torch.Tensor) -> torch.Tensor:
+        """SVD's `y` vector (B, 768) from time ids [fps_id, motion_bucket_id, noise_aug] per video."""
+        model = self.patcher.model
+        rows = [model.encode_adm(fps=float(fps_id) + 1, motion_bucket_id=float(motion), augmentation_level=float(aug))
+                for fps_id, motion, aug in time_ids.detach().cpu().double().tolist()]
+        return torch.cat(rows).to(self.device, torch.float32)
+
+    # --- motion LoRA (`LoraBackend`): weight-wrapper adapters on the clone, not built yet ------
+
+    def attach_lora(self, spec, generator=None) -> None:
+        raise NotImplementedError(LORA_NOT_YET)
+
+    def load_lora(self, lora) -> None:
+        raise NotImplementedError(LORA_NOT_YET)
+
+    # --- ComfyUI memory management -----------------------------------------------------------
+
+    def load(self, latent_shape: Optional[torch.Size] = None) -> None:
+        """Load the clone through ComfyUI's model management (respects its offloading); no-op if loaded."""
+        import comfy.model_management as mm
+
+        if any(m is self.patcher for m in mm.loaded_models()):
+            return
+        memory = 0
+        if latent_shape is not None:
+            memory = self.patcher.model.memory_required([latent_shape[0] * latent_shape[1], *latent_shape[2:]])
+        mm.load_models_gpu([self.patcher], memory_required=memory)
+        self.patcher.pre_run()
+
+    def release(self) -> None:
+        """Unload the clone and undo every patch it installed on the shared modules (weights included)."""
+        import comfy.model_management as mm
+
+        for index in [i for i, loaded in enumerate(mm.current_loaded_models) if loaded.model is self.patcher]:
+            mm.current_loaded_models.pop(index).model_unload()
+
+
+# --- how the UNet is called ----------------------------------------------------------------------
+# ComfyUI's sampler builds the per-call options in samplers._calc_cond_batch and
+# sampler_helpers.prepare_model_patcher; our own samplers drive this backend, so it rebuilds the same
+# options: the MODEL's transformer_options (other packs' attention patches), its wrappers and
+# callbacks, cond_or_uncond, sigmas. The attention controller will go in under CONTROLLER_KEY
+# (COMFYUI_NOTES 3.3: stateless attn1 object patches read it from transformer_options).
+CONTROLLER_KEY = "i2vedit"
+
+
+def denoise_transformer_options(patcher, cond_or_uncond: List[int], sigmas: torch.Tensor) -> dict:
+    """A fresh nested copy of the patcher's transformer_options for one UNet call (never shared back)."""
+    import comfy.model_patcher
+    import comfy.patcher_extension as ext
+
+    options = comfy.model_patcher.create_model_options_clone(patcher.model_options)
+    transformer_options = options.setdefault("transformer_options", {})
+    # As prepare_model_patcher does at sample time: APPLY_MODEL / DIFFUSION_MODEL wrappers of the
+    # MODEL are looked up in transformer_options["wrappers"].
+    ext.merge_nested_dicts(transformer_options.setdefault("wrappers", {}), patcher.wrappers, copy_dict1=False)
+    ext.merge_nested_dicts(transformer_options.setdefault("callbacks", {}), patcher.callbacks, copy_dict1=False)
+    transformer_options["cond_or_uncond"] = list(cond_or_uncond)
+    transformer_options["uuids"] = [None] * len(cond_or_uncond)
+    transformer_options["sigmas"] = sigmas
+    return transformer_options
+
+
+def call_apply_model(patcher, x: torch.Tensor, sigmas: torch.Tensor, inputs: dict,
+                     cond_or_uncond: List[int]) -> torch.Tensor:
+    """`model.apply_model(x, sigmas, **inputs)`, through the MODEL's unet function wrapper if it has one."""
+    model = patcher.model
+    wrapper = patcher.model_options.get("model_function_wrapper")
+    if wrapper is None:
+        return model.apply_model(x, sigmas, **inputs)
+    return wrapper(model.apply_model, {"input": x, "timestep": sigmas, "c": inputs,
+                                       "cond_or_uncond": list(cond_or_uncond)})
+
+
+def check_svd_model(model) -> None:
+    """ValueError naming the fix unless `model` is a ModelPatcher of ComfyUI's SVD_img2vid."""
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(model, "clone"):
+        raise ValueError(NOT_SVD_MODEL.format(found=f"got {type(model).__name__}, not a MODEL"))
+    import comfy.model_base
+
+    # Exact type: SV3D subclasses SVD_img2vid but conditions on camera poses, not on fps/motion.
+    if type(inner) is not comfy.model_base.SVD_img2vid:
+        raise ValueError(NOT_SVD_MODEL.format(found=f"it is {type(inner).__name__}"))
+
+
+def check_clip_vision(clip_vision) -> None:
+    if not all(hasattr(clip_vision, a) for a in ("model", "patcher", "image_size", "image_mean")):
+        raise ValueError(f"CLIP_VISION input is a {type(clip_vision).__name__}: connect the CLIP_VISION output "
+                         "of the Image Only Checkpoint Loader (SVD's own OpenCLIP ViT-H image encoder)")
+
+
+def check_vae(vae) -> None:
+    if not hasattr(vae, "encode") or getattr(vae, "first_stage_model", None) is None:
+        raise ValueError("VAE input is missing or empty: connect the VAE output of the Image Only Checkpoint "
+                         "Loader (the SVD checkpoint's own video VAE)")
+    if getattr(vae, "latent_channels", 4) != 4:
+        raise ValueError(f"VAE has {vae.latent_channels} latent channels, SVD needs 4: connect the VAE of the "
+                         "SVD checkpoint (Image Only Checkpoint Loader)")
+
+
+__all__: List[str] = ["ComfyBackend", "check_svd_model", "check_clip_vision", "check_vae"]
