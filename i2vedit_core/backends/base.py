@@ -5,7 +5,7 @@ Latent convention: (B, F, 4, h, w) float32, scaled by the VAE factor, as the UNe
 """
 
 from dataclasses import dataclass, replace
-from typing import Protocol, runtime_checkable
+from typing import ContextManager, Dict, List, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -64,3 +64,29 @@ class SVDBackend(Protocol):
         lora_scale: scale of the motion LoRA if one is attached (0 = base model); ignored without one.
         Differentiable: training calls it under autograd; sampling loops wrap it in no_grad.
         """
+
+
+@runtime_checkable
+class LoraBackend(Protocol):
+    """An SVDBackend that can carry the motion LoRA (`i2vedit_core.lora`): at most one adapter at a time.
+
+    `denoise(..., lora_scale=s)` runs it at absolute scale s for that call (0 = base model).
+    """
+
+    def attach_lora(self, spec, generator: Optional[torch.Generator] = None) -> None:
+        """A fresh adapter of `spec` (fp32; down seeded from `generator`, up zero), replacing any attached one."""
+
+    def detach_lora(self) -> None:
+        """Remove the adapter; the base model is unchanged."""
+
+    def lora_parameters(self) -> List[torch.nn.Parameter]:
+        """The adapter's trainable tensors (what the optimiser steps)."""
+
+    def export_lora(self, metadata: Optional[Dict[str, str]] = None):
+        """The attached adapter as a `MotionLora` (ComfyUI keys, fp32, CPU)."""
+
+    def load_lora(self, lora) -> None:
+        """Load a `MotionLora` without reloading the model; ValueError naming its file if it does not fit."""
+
+    def lora_training(self, gradient_checkpointing: bool = False) -> ContextManager:
+        """Context for training: adapter dropout active, optional gradient checkpointing; restored after."""

@@ -12,6 +12,7 @@ from kornia.geometry.transform import resize
 from ..schedule import edm_v_preconditioning
 from .base import Conditioning
 from .diffusers_attention import use_attention
+from . import diffusers_lora
 from .diffusers_lora import use_lora_scale
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -71,3 +72,22 @@ class DiffusersBackend:
                           encoder_hidden_states=cond.image_embeds.to(self.device, self.dtype),
                           added_time_ids=cond.time_ids.to(self.device, self.dtype), return_dict=False)[0]
         return pre.c_skip * x + pre.c_out * v.float()
+
+    # Motion LoRA (`LoraBackend` in base.py): one peft adapter on the temporal blocks, switched in place.
+    def attach_lora(self, spec, generator=None):
+        diffusers_lora.attach_lora(self.unet, spec, generator)
+
+    def detach_lora(self):
+        diffusers_lora.detach_lora(self.unet)
+
+    def lora_parameters(self):
+        return diffusers_lora.lora_parameters(self.unet)
+
+    def export_lora(self, metadata=None):
+        return diffusers_lora.export_lora(self.unet, metadata)
+
+    def load_lora(self, lora):
+        diffusers_lora.load_lora(self.unet, lora)
+
+    def lora_training(self, gradient_checkpointing: bool = False):
+        return diffusers_lora.lora_training(self.unet, gradient_checkpointing)

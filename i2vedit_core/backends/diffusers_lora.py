@@ -1,9 +1,187 @@
-"""Motion LoRA on the diffusers UNet (peft adapters on the temporal blocks). Built by the motion-LoRA issue."""
+"""Motion LoRA on the diffusers SVD UNet: peft adapters on the temporal transformer blocks.
 
+The SVD UNet has no `add_adapter`, so peft's functional `inject_adapter_in_model` wraps the target
+Linears in place (DIFFUSERS_NOTES 5.1). One adapter at a time; switching LoRAs copies weights into
+the existing wrappers instead of reloading the model. Names cross the boundary as SGM paths
+(`lora.py`'s file format) through `sgm_unet_keys.diffusers_key_to_sgm`.
+"""
+
+import re
 from contextlib import contextmanager
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from ..lora import LoraSpec, MotionLora, check_fits, motion_lora_from_pairs
+from .sgm_unet_keys import diffusers_key_to_sgm
+
+ADAPTER = "i2vedit_motion"
+
+
+def target_regex(spec: LoraSpec) -> str:
+    """peft `target_modules` regex (full match) for the spec's Linears in every temporal block."""
+    linears = "|".join(re.escape(name) for name in spec.linears)
+    return rf".*\.temporal_transformer_blocks\.\d+\.({linears})"
+
+
+def lora_layers(unet) -> Dict[str, torch.nn.Module]:
+    """The peft-wrapped Linears carrying our adapter, by diffusers module name."""
+    return {name: m for name, m in unet.named_modules() if ADAPTER in getattr(m, "lora_A", {})}
+
+
+def attached_spec(unet) -> Optional[LoraSpec]:
+    layers = lora_layers(unet)
+    if not layers:
+        return None
+    first = next(iter(layers.values()))
+    dropout = first.lora_dropout[ADAPTER]
+    attn1_only = all(".attn1." in name for name in layers)
+    return LoraSpec(rank=first.r[ADAPTER], attn1_only=attn1_only,
+                    dropout=float(getattr(dropout, "p", 0.0)))
+
+
+def attach_lora(unet, spec: LoraSpec, generator: Optional[torch.Generator] = None) -> None:
+    """Wrap the spec's Linears with a fresh fp32 adapter (replacing any attached one).
+
+    Init as the official code: down ~ N(0, (1/r)^2) drawn from `generator`, up = 0, so the model's
+    output is unchanged until training moves it.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+    detach_lora(unet)
+    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, init_lora_weights=False,
+                        target_modules=target_regex(spec))
+    device = next(unet.parameters()).device
+    # peft draws its own init from the global RNG; fork it so attaching has no effect on other code.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        inject_adapter_in_model(config, unet, adapter_name=ADAPTER)
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in lora_layers(unet).values():
+            layer.train(unet.training)  # peft builds its modules in train mode: dropout would act at inference
+            down, up = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
+            down.float(), up.float()  # LoRA weights train in fp32 whatever the base dtype
+            init = torch.randn(down.weight.shape, generator=generator) / spec.rank
+            down.weight.copy_(init.to(down.weight.device))
+            up.weight.zero_()
+            down.weight.requires_grad_(True), up.weight.requires_grad_(True)
+
+
+def detach_lora(unet) -> None:
+    """Put the plain Linears back; the base weights were never touched."""
+    for name, layer in lora_layers(unet).items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(unet.get_submodule(parent_name), child, layer.get_base_layer())
+    config = getattr(unet, "peft_config", None)
+    if isinstance(config, dict):
+        config.pop(ADAPTER, None)
+        if not config:
+            del unet.peft_config  # peft warns about "multiple adapters" if an empty one is left behind
+
+
+def lora_parameters(unet) -> List[torch.nn.Parameter]:
+    return [p for layer in lora_layers(unet).values() for p in _adapter_params(layer)]
+
+
+def export_lora(unet, metadata: Optional[Dict[str, str]] = None) -> MotionLora:
+    """The attached adapter as a MotionLora (SGM-keyed, fp32, on the CPU)."""
+    spec = attached_spec(unet)
+    if spec is None:
+        raise ValueError("no motion LoRA is attached: train one or load one first")
+    pairs = {_sgm_path(unet, name): (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)
+             for name, layer in lora_layers(unet).items()}
+    return motion_lora_from_pairs(pairs, spec, metadata)
+
+
+def load_lora(unet, lora: MotionLora) -> None:
+    """Put `lora`'s weights into the UNet, attaching an adapter of its shape if the attached one differs."""
+    check_fits(lora, module_shapes(unet, lora.spec))
+    current = attached_spec(unet)
+    if current is None or not current.same_shape(lora.spec) or current.dropout != lora.spec.dropout:
+        attach_lora(unet, lora.spec)
+    with torch.no_grad():
+        for name, layer in lora_layers(unet).items():
+            down, up = lora.pair(_sgm_path(unet, name))
+            layer.lora_A[ADAPTER].weight.copy_(down)
+            layer.lora_B[ADAPTER].weight.copy_(up)
+
+
+def module_shapes(unet, spec: LoraSpec) -> Dict[str, Tuple[int, int]]:
+    """{sgm path: (out_features, in_features)} of the Linears the spec adapts in this UNet."""
+    pattern = re.compile(target_regex(spec))
+    shapes = {}
+    for name, module in unet.named_modules():
+        name = name[:-len(".base_layer")] if name.endswith(".base_layer") else name
+        if isinstance(module, torch.nn.Linear) and pattern.fullmatch(name):
+            shapes[_sgm_path(unet, name)] = (module.out_features, module.in_features)
+    return shapes
+
+
+def set_lora_enabled(unet, enabled: bool) -> None:
+    """Switch the adapter on or off without touching its weights or their requires_grad."""
+    layers = list(lora_layers(unet).values())
+    _set_enabled(layers, [enabled] * len(layers))
 
 
 @contextmanager
 def use_lora_scale(unet, scale: float):
-    # No adapter can be attached yet, so every scale means the base model.
-    yield
+    """Run with the adapter at absolute `scale` (1 = as trained), restoring the previous state after.
+
+    An adapter switched off with `set_lora_enabled` stays off at any scale. Scale 0 switches the adapter off instead of multiplying by 0: the exact base model (the source
+    branch), without the cost of the LoRA matmuls. No adapter attached: the base model, any scale.
+    """
+    layers = list(lora_layers(unet).values())
+    scalings = [layer.scaling[ADAPTER] for layer in layers]
+    enabled = [not layer.disable_adapters for layer in layers]
+    try:
+        if scale == 0:
+            _set_enabled(layers, [False] * len(layers))
+        for layer in layers:
+            layer.set_scale(ADAPTER, float(scale))
+        yield
+    finally:
+        for layer, scaling in zip(layers, scalings):
+            layer.scaling[ADAPTER] = scaling
+        _set_enabled(layers, enabled)
+
+
+def _set_enabled(layers, states) -> None:
+    grads = [(p, p.requires_grad) for layer in layers for p in _adapter_params(layer)]
+    for layer, on in zip(layers, states):
+        if on == layer.disable_adapters:
+            layer.enable_adapters(on)  # peft also flips requires_grad here; restored below
+    for p, requires_grad in grads:
+        p.requires_grad_(requires_grad)
+
+
+@contextmanager
+def lora_training(unet, gradient_checkpointing: bool = False):
+    """Dropout of the adapter active and, optionally, diffusers' gradient checkpointing, for the duration.
+
+    The rest of the UNet stays in eval mode (the backend's state); only the LoRA dropout trains.
+    """
+    dropouts = [layer.lora_dropout[ADAPTER] for layer in lora_layers(unet).values()]
+    was_checkpointing = bool(getattr(unet, "is_gradient_checkpointing", False))
+    for module in dropouts:
+        module.train()
+    if gradient_checkpointing and not was_checkpointing:
+        unet.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        for module in dropouts:
+            module.eval()
+        if gradient_checkpointing and not was_checkpointing:
+            unet.disable_gradient_checkpointing()
+
+
+def _adapter_params(layer) -> List[torch.nn.Parameter]:
+    return [layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight]
+
+
+def _sgm_path(unet, diffusers_name: str) -> str:
+    config = unet.config
+    attention_up = [i for i, kind in enumerate(config.up_block_types) if "CrossAttn" in kind]
+    per_block = config.layers_per_block
+    per_block = per_block if isinstance(per_block, int) else per_block[0]
+    key = diffusers_key_to_sgm(diffusers_name + ".weight", per_block, attention_up)
+    return key[:-len(".weight")]

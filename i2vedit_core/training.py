@@ -1,0 +1,197 @@
+"""Motion-LoRA training on one source clip (ALGORITHM.md section 4; OFFICIAL_CODE_NOTES 5).
+
+Per step: sigma from the official code's cosine-interpolated distribution (or SVD's lognormal),
+z = z0 + sigma * eps, conditioning latent = source frame-0 latent + 0.02 latent noise, CLIP of
+source frame 0, loss = mean((1 + sigma^2) / sigma^2 * (D(z, sigma) - z0)^2) over all frames,
+AdamW on the LoRA only. Everything random comes from one seed.
+"""
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .backends.base import Conditioning
+from .conditioning import MicroConditioning, latent_conditioning, with_latent_noise
+from .frames import SIZE_MULTIPLE, as_frame_batch
+from .lora import LoraSpec, MotionLora, clip_fingerprint
+from .schedule import SIGMA_MAX, SIGMA_MIN
+
+ProgressCallback = Callable[[dict], None]
+
+
+class TrainingCancelled(RuntimeError):
+    """Raised when the host's cancel check returns true; the backend is left without the adapter."""
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    steps: int = 250
+    learning_rate: float = 5e-4
+    betas: Tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-2
+    sigma_distribution: str = "cosine_interpolated"  # or "lognormal" (SVD's P_mean 0.7, P_std 1.6)
+    lognormal_mean: float = 0.7
+    lognormal_std: float = 1.6
+    cond_noise: float = 0.02  # latent-space noise on the conditioning latent (official code, fixed)
+    micro: MicroConditioning = field(default_factory=MicroConditioning)
+    max_pixels: int = 512 * 896  # larger clips are downscaled to about this area, aspect kept
+    mixed_precision: bool = True  # bf16 autocast on CUDA (LoRA weights stay fp32); fp32 on CPU
+    gradient_checkpointing: bool = False
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"training steps must be at least 1, got {self.steps}")
+        if self.sigma_distribution not in ("cosine_interpolated", "lognormal"):
+            raise ValueError(f"sigma_distribution must be 'cosine_interpolated' or 'lognormal', "
+                             f"got {self.sigma_distribution!r}")
+
+
+@dataclass
+class TrainingResult:
+    lora: MotionLora
+    losses: List[float]
+    sigmas: List[float]
+    seconds_per_step: float
+
+
+# --- sigma distributions -----------------------------------------------------------------------
+
+def cosine_interpolated_sigma(u: torch.Tensor, image_d: float = 64.0, noise_d_low: float = 32.0,
+                              noise_d_high: float = 64.0, sigma_data: float = 0.5, min_value: float = SIGMA_MIN,
+                              max_value: float = SIGMA_MAX) -> torch.Tensor:
+    """k-diffusion's `rand_cosine_interpolated` as a function of u ~ U(0, 1), with the official code's
+    arguments: the logSNR of simple diffusion's shifted cosine schedule, lerped between the shifts
+    for noise resolutions 32 and 64 by u itself."""
+    u = u.double()
+    logsnr_hi, logsnr_lo = -2 * math.log(min_value / sigma_data), -2 * math.log(max_value / sigma_data)
+
+    def shifted_cosine(noise_d):
+        shift = 2 * math.log(noise_d / image_d)
+        t_min = math.atan(math.exp(-0.5 * (logsnr_lo - shift)))
+        t_max = math.atan(math.exp(-0.5 * (logsnr_hi - shift)))
+        return -2 * torch.log(torch.tan(t_min + u * (t_max - t_min))) + shift
+
+    logsnr = torch.lerp(shifted_cosine(noise_d_low), shifted_cosine(noise_d_high), u)
+    return sigma_data * torch.exp(-logsnr / 2)
+
+
+def sample_sigma(settings: TrainingSettings, generator: torch.Generator) -> float:
+    if settings.sigma_distribution == "lognormal":
+        n = torch.randn((), generator=generator, dtype=torch.float64)
+        sigma = math.exp(settings.lognormal_mean + settings.lognormal_std * float(n))
+        return min(max(sigma, SIGMA_MIN), SIGMA_MAX)  # the weight (1+s^2)/s^2 explodes below the schedule
+    return float(cosine_interpolated_sigma(torch.rand((), generator=generator, dtype=torch.float64)))
+
+
+def edm_weight(sigma: float) -> float:
+    """EDM loss weight for sigma_data = 1: 1 / c_out^2 of the x0 error."""
+    return (1.0 + sigma * sigma) / (sigma * sigma)
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+def training_size(height: int, width: int, max_pixels: int) -> Tuple[int, int]:
+    """Downscale (never up) to about `max_pixels`, aspect kept, sides multiples of 64."""
+    scale = min(1.0, math.sqrt(max_pixels / (height * width)))
+    def snap(side):
+        return max(SIZE_MULTIPLE, int(round(side * scale / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
+    return (height, width) if scale == 1.0 else (snap(height), snap(width))
+
+
+def prepare_training_data(backend, frames: torch.Tensor, settings: TrainingSettings) -> Tuple[torch.Tensor, Conditioning]:
+    """Clean latents z0 (1, F, 4, h, w) and the clean conditioning, computed once for all steps."""
+    size = training_size(frames.shape[-2], frames.shape[-1], settings.max_pixels)
+    if size != tuple(frames.shape[-2:]):
+        frames = F.interpolate(frames, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+    with torch.no_grad():
+        z0 = backend.encode(frames.to(backend.device))[None]
+        embeds = backend.image_embedding(frames[:1])
+    # The conditioning latent is the source frame-0 latent itself (unscaled), as the official code.
+    cond = latent_conditioning(embeds, z0[:, 0] / backend.latent_scale, z0.shape[1], settings.micro)
+    return z0, cond
+
+
+def training_step(denoise: Callable[..., torch.Tensor], optimizer: torch.optim.Optimizer, z0: torch.Tensor,
+                  cond: Conditioning, sigma: float, settings: TrainingSettings, generator: torch.Generator) -> float:
+    """One AdamW step on the EDM-weighted denoising loss at `sigma`; returns the loss.
+
+    denoise(x, sigma, cond, lora_scale=...): `backend.denoise`, or a skip-interval denoiser.
+    """
+    noise = torch.randn(z0.shape, generator=generator).to(z0.device)
+    noisy_cond = with_latent_noise(cond, settings.cond_noise, generator)
+    use_bf16 = settings.mixed_precision and z0.device.type == "cuda"
+    with torch.enable_grad(), torch.autocast(z0.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        denoised = denoise(z0 + sigma * noise, sigma, noisy_cond, lora_scale=1.0)
+        loss = edm_weight(sigma) * (denoised.float() - z0).pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def train_motion_lora(backend, frames: torch.Tensor, settings: TrainingSettings = TrainingSettings(),
+                      progress: Optional[ProgressCallback] = None, cancel: Optional[Callable[[], bool]] = None,
+                      clip0=None) -> TrainingResult:
+    """Train a fresh motion LoRA on one source clip (T, 3, H, W) in [-1, 1].
+
+    progress: called after every step with {"step", "steps", "loss", "sigma"}. cancel: checked before
+    every step; a true result raises TrainingCancelled (so may an exception from either callable).
+    clip0: for clips >= 1 with skip-interval, the Inversion of source clip 0 at the training resolution.
+    On success the backend keeps the trained adapter attached; on any error it is detached.
+    """
+    frames = as_frame_batch(frames, "training clip", min_frames=2)
+    denoise = _skip_interval_denoiser(backend, clip0) if clip0 is not None else backend.denoise
+    generator = torch.Generator().manual_seed(settings.seed)
+    z0, cond = prepare_training_data(backend, frames, settings)
+    backend.attach_lora(settings.lora, generator)
+    try:
+        losses, sigmas, seconds = _run_steps(backend, denoise, z0, cond, settings, generator, progress, cancel)
+    except BaseException:
+        backend.detach_lora()
+        raise
+    metadata = {"training": json.dumps(asdict(settings)), "source_fingerprint": clip_fingerprint(frames),
+                "source_frames": str(frames.shape[0]), "training_size": json.dumps(list(z0.shape[-2:]))}
+    return TrainingResult(backend.export_lora(metadata), losses, sigmas, seconds / settings.steps)
+
+
+def _skip_interval_denoiser(backend, clip0):
+    """Temporal attn1 of every forward also attends to source clip 0, whose K/V are recomputed each step
+    by a base-model forward on its inversion latent nearest the sampled sigma (ALGORITHM 6)."""
+    if not (hasattr(clip0, "latent_at") and hasattr(clip0, "cond")):
+        raise ValueError(f"clip0 must be the Inversion of source clip 0 (inversion.invert_clip), got "
+                         f"{type(clip0).__name__}")
+    try:
+        from .attention.skip import KVSource, SkipInterval
+    except ImportError:
+        raise NotImplementedError("skip-interval training needs the attention controller") from None
+    return SkipInterval(backend, KVSource.from_inversion(clip0)).denoise
+
+
+def _run_steps(backend, denoise, z0, cond, settings, generator, progress, cancel):
+    optimizer = torch.optim.AdamW(backend.lora_parameters(), lr=settings.learning_rate, betas=settings.betas,
+                                  eps=1e-8, weight_decay=settings.weight_decay)
+    losses, sigmas = [], []
+    device = z0.device
+    start = time.perf_counter()
+    # LoRA dropout draws from the global RNG: seed a forked copy so training is reproducible and
+    # leaves the caller's RNG state as it was.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            backend.lora_training(settings.gradient_checkpointing):
+        torch.manual_seed(settings.seed)
+        for step in range(settings.steps):
+            if cancel is not None and cancel():
+                raise TrainingCancelled(f"motion LoRA training cancelled at step {step} of {settings.steps}")
+            sigma = sample_sigma(settings, generator)
+            loss = training_step(denoise, optimizer, z0, cond, sigma, settings, generator)
+            losses.append(loss)
+            sigmas.append(sigma)
+            if progress is not None:
+                progress({"step": step, "steps": settings.steps, "loss": loss, "sigma": sigma})
+    return losses, sigmas, time.perf_counter() - start
