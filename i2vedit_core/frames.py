@@ -14,14 +14,18 @@ RANGE_SLACK = 1e-3
 FrameInput = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
-def as_frame_batch(frames: FrameInput, name: str = "frames", min_frames: int = 1) -> torch.Tensor:
-    """Validate frames and return them as one float32 (T, 3, H, W) tensor in [-1, 1]."""
+def as_frame_batch(frames: FrameInput, name: str = "frames", min_frames: int = 1,
+                   size_multiple: int = SIZE_MULTIPLE) -> torch.Tensor:
+    """Validate frames and return them as one float32 (T, 3, H, W) tensor in [-1, 1].
+
+    size_multiple: what H and W must be multiples of (1 where a working-size fit follows).
+    """
     batch = _stack(frames, name)
     if batch.ndim != 4 or batch.shape[1] != 3:
         raise ValueError(f"{name} must have shape (T, 3, H, W) (RGB, channels first); got {tuple(batch.shape)}")
     if batch.shape[0] < min_frames:
         raise ValueError(f"{name} needs at least {min_frames} frames, got {batch.shape[0]}")
-    check_size(batch.shape[-2], batch.shape[-1], name)
+    check_size(batch.shape[-2], batch.shape[-1], name, size_multiple)
     batch = batch.float()
     if not bool(torch.isfinite(batch).all()):
         raise ValueError(f"{name} contain NaN or infinite values; check the node or file that produced them")
@@ -32,10 +36,12 @@ def as_frame_batch(frames: FrameInput, name: str = "frames", min_frames: int = 1
     return batch.clamp(-1, 1)
 
 
-def check_size(height: int, width: int, name: str = "frames") -> None:
-    if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE or height == 0 or width == 0:
+def check_size(height: int, width: int, name: str = "frames", multiple: int = SIZE_MULTIPLE) -> None:
+    if height == 0 or width == 0:
+        raise ValueError(f"{name} are empty images ({width}x{height})")
+    if height % multiple or width % multiple:
         raise ValueError(f"{name} are {width}x{height}; SVD needs width and height that are multiples of "
-                         f"{SIZE_MULTIPLE}: resize or pad them first (e.g. to 1024x576)")
+                         f"{multiple}: resize or pad them first (e.g. to 1024x576)")
 
 
 def _stack(frames: FrameInput, name: str) -> torch.Tensor:
