@@ -15,20 +15,26 @@ Conventions shared with the diffusers backend, so both give the same numbers on 
   square and rounds to 8 bits, which for a 16:9 frame drops the left and right 22 % of the
   picture: I2VEdit conditions on the whole frame, so this backend does too.
 
-MODEL is never mutated: everything this backend adds lives on a clone (`self.patcher`).
+MODEL is never mutated: everything this backend adds lives on a clone (`self.patcher`): object
+patches on the 32 attn1 modules (attention control, comfy_attention.py), on the temporal-block
+Linears (motion LoRA, comfy_lora.py) and on the heavy UNet layers (gradient checkpointing,
+comfy_training.py). They are installed once, pass straight through when unused, and ModelPatcher
+applies them at load and removes them at unload (`release()`).
 """
 
+import hashlib
 from typing import List, Optional
 
 import torch
 from kornia.geometry.transform import resize
 
+from . import comfy_attention, comfy_lora, comfy_training
 from .base import Conditioning
+from .comfy_attention import CONTROLLER_KEY
 
 NOT_SVD_MODEL = ("MODEL is not a Stable Video Diffusion img2vid model ({found}): load an SVD checkpoint "
                  "(svd.safetensors / svd_xt.safetensors) with the Image Only Checkpoint Loader")
-LORA_NOT_YET = ("the motion LoRA is not yet available in the ComfyUI backend (weight-wrapper adapters on "
-                "the temporal blocks are being built); a LoRA applied upstream with LoraLoaderModelOnly works")
+IDENTITY_SAMPLE = 4096  # elements hashed per sampled weight: enough to tell checkpoints apart, cheap to read
 
 
 class ComfyBackend:
@@ -41,6 +47,16 @@ class ComfyBackend:
         # Attention and LoRA patches go on this clone only; the caller's MODEL stays as given.
         self.patcher = model.clone()
         self.clip_vision, self.vae = clip_vision, vae
+        self._incoming_patches = (bool(model.patches), str(model.patches_uuid))
+        unet = self.patcher.model.diffusion_model
+        self.attn1 = comfy_attention.attn1_modules(unet)
+        if len(self.attn1) != 32:
+            raise ValueError(NOT_SVD_MODEL.format(found=f"{len(self.attn1)} self-attention layers, SVD has 32"))
+        self.lora, self.checkpointing = comfy_lora.LoraState(), comfy_training.Switch()
+        self.linears = comfy_lora.adaptable_linears(unet)
+        comfy_attention.install(self.patcher, self.attn1)
+        comfy_lora.install(self.patcher, self.linears, self.lora)
+        comfy_training.install_checkpointing(self.patcher, unet, self.checkpointing)
         self.device = torch.device(self.patcher.load_device)
         self.latent_format = self.patcher.get_model_object("latent_format")
         self.latent_scale = float(self.latent_format.scale_factor)
@@ -87,27 +103,44 @@ class ComfyBackend:
                 lora_scale: float = 1.0) -> torch.Tensor:
         """D(x, sigma | cond) through ComfyUI's own `apply_model` (v-prediction EDM preconditioning).
 
-        lora_scale: no motion LoRA can be attached to this backend yet, so every scale means the
-        base model (the protocol ignores the scale without a LoRA).
+        attention: an AttentionPass; its `rows` name the role of each video (cond_or_uncond is set to
+        match). lora_scale: absolute scale of the attached motion LoRA for this call (0 = base model).
         """
-        if attention is not None:
-            raise NotImplementedError("attention control is not yet available in the ComfyUI backend "
-                                      "(object patches of the 32 attn1 modules are being built)")
         if x.ndim != 5:
             raise ValueError(f"latents must be (B, F, 4, h, w), got shape {tuple(x.shape)}")
         batch, frames = x.shape[:2]
         if cond.batch_size != batch:
             raise ValueError(f"conditioning batch {cond.batch_size} does not match latent batch {batch}")
+        chunks = [0] * batch  # without a pass every video is a "positive" chunk
+        if attention is not None:
+            if len(attention.rows) != batch:
+                raise ValueError(f"the attention pass describes {len(attention.rows)} videos {tuple(attention.rows)}, "
+                                 f"the latent batch has {batch}")
+            chunks = comfy_attention.chunks_for(attention.rows)
         self.load(x.shape)
-        flat = x.to(self.device, torch.float32).flatten(0, 1)  # ComfyUI: frames are the batch axis
+        if comfy_training.trainable_now():
+            comfy_training.replace_inference_tensors(self.patcher.model)
+        flat, inputs = self._unet_inputs(x, cond)
         sigmas = torch.full((flat.shape[0],), float(sigma), dtype=torch.float32, device=self.device)
-        inputs = dict(c_concat=cond.image_latents.to(self.device, torch.float32).flatten(0, 1),
-                      c_crossattn=cond.image_embeds.to(self.device).repeat_interleave(frames, 0),
-                      y=self.adm(cond.time_ids).repeat_interleave(frames, 0), num_video_frames=frames)
-        chunks = [0] * batch  # every video is a "positive" chunk; CFG rows are the caller's layout
-        inputs["transformer_options"] = denoise_transformer_options(self.patcher, chunks, sigmas)
-        out = call_apply_model(self.patcher, flat, sigmas, inputs, chunks)
+        inputs["transformer_options"] = options = denoise_transformer_options(self.patcher, chunks, sigmas)
+        if attention is not None:
+            options[CONTROLLER_KEY] = attention
+        previous, self.lora.scale = self.lora.scale, float(lora_scale)
+        try:
+            out = call_apply_model(self.patcher, flat, sigmas, inputs, chunks)
+        finally:
+            self.lora.scale = previous
         return out.float().view_as(x)
+
+    def _unet_inputs(self, x: torch.Tensor, cond: Conditioning):
+        """Frames flattened into ComfyUI's batch axis, plus SVD's concat latent, CLIP context and adm."""
+        frames = x.shape[1]
+        normal = comfy_training.normal  # inference-mode inputs cannot be saved for backward
+        flat = normal(x.to(self.device, torch.float32).flatten(0, 1))
+        inputs = dict(c_concat=normal(cond.image_latents.to(self.device, torch.float32).flatten(0, 1)),
+                      c_crossattn=normal(cond.image_embeds.to(self.device).repeat_interleave(frames, 0)),
+                      y=normal(self.adm(cond.time_ids).repeat_interleave(frames, 0)), num_video_frames=frames)
+        return flat, inputs
 
     def adm(self, time_ids: torch.Tensor) -> torch.Tensor:
         """SVD's `y` vector (B, 768) from time ids [fps_id, motion_bucket_id, noise_aug] per video."""
@@ -116,13 +149,46 @@ class ComfyBackend:
                 for fps_id, motion, aug in time_ids.detach().cpu().double().tolist()]
         return torch.cat(rows).to(self.device, torch.float32)
 
-    # --- motion LoRA (`LoraBackend`): weight-wrapper adapters on the clone, not built yet ------
+    # --- motion LoRA (`LoraBackend`): activation-space adapters on the clone (comfy_lora.py) -----
 
     def attach_lora(self, spec, generator=None) -> None:
-        raise NotImplementedError(LORA_NOT_YET)
+        comfy_lora.attach(self.lora, self.linears, spec, self.device, generator)
+
+    def detach_lora(self) -> None:
+        self.lora.clear()
+
+    def lora_parameters(self) -> List[torch.nn.Parameter]:
+        return self.lora.parameters()
+
+    def export_lora(self, metadata=None):
+        return comfy_lora.export(self.lora, metadata)
 
     def load_lora(self, lora) -> None:
-        raise NotImplementedError(LORA_NOT_YET)
+        comfy_lora.load(self.lora, self.linears, lora, self.device)
+
+    def lora_training(self, gradient_checkpointing: bool = False):
+        """Inference mode off (ComfyUI runs nodes inside it), LoRA dropout on, optional checkpointing."""
+        return comfy_training.training_mode(self.lora, self.checkpointing, gradient_checkpointing)
+
+    # --- cache identity ----------------------------------------------------------------------
+
+    def identity(self) -> str:
+        """What the base weights are, for cache keys: every key and shape, plus strided samples of five
+        weights (read from ModelPatcher's backups, so a LoRA merged by another clone does not count).
+        A MODEL with weight patches from upstream (a LoRA loader) adds its patch set's uuid."""
+        digest = hashlib.sha256(type(self.patcher.model).__name__.encode())
+        state = self.patcher.model.diffusion_model.state_dict()
+        names = sorted(state)
+        for name in names:
+            digest.update(f"{name}{tuple(state[name].shape)}{state[name].dtype};".encode())
+        for index in sorted({0, len(names) // 4, len(names) // 2, 3 * len(names) // 4, len(names) - 1}):
+            name = names[index]
+            backup = self.patcher.backup.get("diffusion_model." + name)
+            tensor = (backup.weight if backup is not None else state[name]).detach().flatten()
+            step = max(1, tensor.numel() // IDENTITY_SAMPLE)
+            digest.update(tensor[::step][:IDENTITY_SAMPLE].float().cpu().numpy().tobytes())
+        patched, uuid = self._incoming_patches
+        return "comfy-svd-" + digest.hexdigest()[:24] + (f"+patches-{uuid}" if patched else "")
 
     # --- ComfyUI memory management -----------------------------------------------------------
 
@@ -139,7 +205,8 @@ class ComfyBackend:
         self.patcher.pre_run()
 
     def release(self) -> None:
-        """Unload the clone and undo every patch it installed on the shared modules (weights included)."""
+        """Unload the clone: ModelPatcher undoes every patch it installed on the shared modules (object
+        patches, weights). The backend stays usable; the next `denoise` loads it again."""
         import comfy.model_management as mm
 
         for index in [i for i, loaded in enumerate(mm.current_loaded_models) if loaded.model is self.patcher]:
@@ -150,9 +217,8 @@ class ComfyBackend:
 # ComfyUI's sampler builds the per-call options in samplers._calc_cond_batch and
 # sampler_helpers.prepare_model_patcher; our own samplers drive this backend, so it rebuilds the same
 # options: the MODEL's transformer_options (other packs' attention patches), its wrappers and
-# callbacks, cond_or_uncond, sigmas. The attention controller will go in under CONTROLLER_KEY
-# (COMFYUI_NOTES 3.3: stateless attn1 object patches read it from transformer_options).
-CONTROLLER_KEY = "i2vedit"
+# callbacks, cond_or_uncond, sigmas. The attention pass goes in under CONTROLLER_KEY of this per-call
+# copy only (COMFYUI_NOTES 3.3: the stateless attn1 object patches read it there).
 
 
 def denoise_transformer_options(patcher, cond_or_uncond: List[int], sigmas: torch.Tensor) -> dict:
@@ -210,4 +276,4 @@ def check_vae(vae) -> None:
                          "SVD checkpoint (Image Only Checkpoint Loader)")
 
 
-__all__: List[str] = ["ComfyBackend", "check_svd_model", "check_clip_vision", "check_vae"]
+__all__: List[str] = ["ComfyBackend", "CONTROLLER_KEY", "check_svd_model", "check_clip_vision", "check_vae"]

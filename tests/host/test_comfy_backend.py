@@ -97,15 +97,21 @@ def test_bad_inputs_name_the_fix(comfy_backend, comfy_parts, cond):
     x = torch.zeros(2, FRAMES, 4, 8, 8)
     with pytest.raises(ValueError, match="does not match latent batch"):
         comfy_backend.denoise(x, 1.0, cond)
-    with pytest.raises(NotImplementedError, match="attention control"):
-        comfy_backend.denoise(x[:1], 1.0, cond, attention=object())
+    with pytest.raises(ValueError, match="no motion LoRA is attached"):
+        comfy_backend.export_lora()
 
 
-def test_lora_requests_are_refused_clearly(comfy_backend):
-    with pytest.raises(NotImplementedError, match="motion LoRA is not yet available"):
-        comfy_backend.attach_lora(spec=None)
-    with pytest.raises(NotImplementedError, match="LoraLoaderModelOnly"):
-        comfy_backend.load_lora(None)
+def test_identity_names_the_weights_cheaply(comfy_parts, comfy_backend):
+    from i2vedit_core.backends.comfy import ComfyBackend
+
+    identity = comfy_backend.identity()
+    assert identity.startswith("comfy-svd-") and identity == comfy_backend.identity()
+    again = ComfyBackend(comfy_parts["model"], comfy_parts["clip_vision"], comfy_parts["vae"])
+    assert again.identity() == identity  # same weights, another backend: same cache key
+    patched = comfy_parts["model"].clone()
+    key = "diffusion_model.input_blocks.1.1.time_stack.0.attn1.to_q.weight"
+    patched.add_patches({key: ("diff", (torch.full((64, 64), 0.01),))})
+    assert ComfyBackend(patched, comfy_parts["clip_vision"], comfy_parts["vae"]).identity() != identity
 
 
 def test_model_options_of_other_nodes_reach_the_unet(comfy_parts, cond):

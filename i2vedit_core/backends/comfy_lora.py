@@ -1,0 +1,117 @@
+"""Motion LoRA on ComfyUI's SVD UNet: activation-space adapters on the temporal-block Linears.
+
+Every Linear a motion LoRA can adapt (the 12 per temporal block, `lora.TEMPORAL_LINEARS`) gets
+its `forward` object-patched on the backend's clone, once, when the backend is built. The patch
+computes base(x) + scale * up(down(dropout(x))) exactly as peft does on the diffusers backend,
+reading the adapter from the backend's `LoraState`:
+- activation space, not ComfyUI's weight wrappers (`add_weight_wrapper`), because a weight-space
+  delta cannot express I2VEdit's dropout on the LoRA branch (COMFYUI_NOTES 5.2), and it would keep
+  a full weight copy per adapted Linear alive for backward;
+- the scale is absolute and per `denoise` call; 0 skips the branch, so the source forward is the
+  exact base model, and nothing is re-merged or reloaded between forwards;
+- attaching, loading or detaching only changes `LoraState`: the patches stay installed and pass
+  straight through without an adapter.
+Adapters are fp32 on the load device; files use the SGM paths of `lora.py`.
+"""
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..lora import SVD_TEMPORAL_SITES, TEMPORAL_LINEARS, LoraSpec, MotionLora, check_fits, motion_lora_from_pairs
+
+TEMPORAL_BLOCK_SUFFIX = ".time_stack.0"
+
+
+class LoraState:
+    """The one adapter of a backend: {SGM Linear path: fp32 Parameter}, its spec, scale and dropout switch."""
+
+    def __init__(self):
+        self.spec: Optional[LoraSpec] = None
+        self.down: Dict[str, torch.nn.Parameter] = {}
+        self.up: Dict[str, torch.nn.Parameter] = {}
+        self.scale = 1.0
+        self.dropout_active = False
+
+    def clear(self) -> None:
+        self.spec, self.down, self.up = None, {}, {}
+
+    def parameters(self) -> List[torch.nn.Parameter]:
+        return [p for path in self.down for p in (self.down[path], self.up[path])]
+
+
+class LoraForward:
+    """Replacement `forward` of one adaptable Linear (not an nn.Module: no new state-dict keys)."""
+
+    def __init__(self, module: torch.nn.Module, path: str, state: LoraState):
+        self.module, self.path, self.state = module, path, state
+
+    def __call__(self, x, *args, **kwargs):
+        out = type(self.module).forward(self.module, x, *args, **kwargs)
+        state = self.state
+        down = state.down.get(self.path)
+        if down is None or state.scale == 0:
+            return out
+        h = x.to(down.dtype)
+        if state.dropout_active and state.spec.dropout > 0:
+            h = F.dropout(h, state.spec.dropout, training=True)
+        delta = F.linear(F.linear(h, down), state.up[self.path])
+        return out + (delta * state.scale).to(out.dtype)
+
+
+def adaptable_linears(diffusion_model) -> Dict[str, torch.nn.Module]:
+    """{SGM path: Linear} of all 12 Linears of every temporal block, in the official (and peft) order."""
+    blocks = {path for path, _ in diffusion_model.named_modules() if path.endswith(TEMPORAL_BLOCK_SUFFIX)
+              and hasattr(diffusion_model.get_submodule(path), "attn1")}  # not VideoResBlock's time_stack
+    ordered = [s for s in SVD_TEMPORAL_SITES if s in blocks] + sorted(blocks - set(SVD_TEMPORAL_SITES))
+    return {f"{site}.{linear}": diffusion_model.get_submodule(f"{site}.{linear}")
+            for site in ordered for linear in TEMPORAL_LINEARS}
+
+
+def install(patcher, linears: Dict[str, torch.nn.Module], state: LoraState) -> None:
+    for path, module in linears.items():
+        patcher.add_object_patch(f"diffusion_model.{path}.forward", LoraForward(module, path, state))
+
+
+def targets(linears: Dict[str, torch.nn.Module], spec: LoraSpec) -> Dict[str, Tuple[int, int]]:
+    """{SGM path: (out_features, in_features)} of the Linears `spec` adapts, in init order."""
+    wanted = tuple("." + name for name in spec.linears)
+    return {path: (m.out_features, m.in_features) for path, m in linears.items() if path.endswith(wanted)}
+
+
+def attach(state: LoraState, linears: Dict[str, torch.nn.Module], spec: LoraSpec, device: torch.device,
+           generator: Optional[torch.Generator] = None) -> None:
+    """A fresh adapter: down ~ N(0, (1/r)^2) from `generator` in the diffusers backend's draw order, up = 0.
+
+    Built outside inference mode (ComfyUI runs nodes under torch.inference_mode()): inference
+    tensors could not be trained.
+    """
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    state.clear()
+    with torch.inference_mode(False), torch.no_grad():
+        for path, (out_features, in_features) in targets(linears, spec).items():
+            down = torch.randn((spec.rank, in_features), generator=generator) / spec.rank
+            state.down[path] = torch.nn.Parameter(down.to(device))
+            state.up[path] = torch.nn.Parameter(torch.zeros(out_features, spec.rank, device=device))
+    state.spec = spec
+
+
+def export(state: LoraState, metadata: Optional[Dict[str, str]] = None) -> MotionLora:
+    if state.spec is None:
+        raise ValueError("no motion LoRA is attached: train one or load one first")
+    pairs = {path: (state.down[path], state.up[path]) for path in state.down}
+    return motion_lora_from_pairs(pairs, state.spec, metadata)
+
+
+def load(state: LoraState, linears: Dict[str, torch.nn.Module], lora: MotionLora, device: torch.device) -> None:
+    """Copy `lora` into the adapter, attaching one of its shape first if the attached one differs."""
+    check_fits(lora, targets(linears, lora.spec))
+    current = state.spec
+    if current is None or not current.same_shape(lora.spec) or current.dropout != lora.spec.dropout:
+        attach(state, linears, lora.spec, device)
+    with torch.inference_mode(False), torch.no_grad():
+        for path in state.down:
+            down, up = lora.pair(path)
+            state.down[path].copy_(down)
+            state.up[path].copy_(up)
