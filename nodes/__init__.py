@@ -1,8 +1,22 @@
-"""ComfyUI nodes of the pack, one file per node family (V3 schema).
+"""ComfyUI nodes of the pack, one file per node family (V3 schema, `comfy_api.latest`).
 
-The node families land with the node-pack issue; until then the extension registers no node,
-so installing the pack never breaks ComfyUI's start-up.
+The families import ComfyUI at module level, so they are imported only inside `comfy_entrypoint`:
+importing this package outside ComfyUI (the core test tier) never touches ComfyUI.
 """
+
+
+def node_classes():
+    from .edit_video import EditVideoNode
+    from .invert import InvertNode
+    from .lora_files import LoadMotionLoraNode, SaveMotionLoraNode
+    from .metrics import MetricsNode
+    from .propagate import PropagateNode
+    from .samplers import InversionSamplerNode
+    from .source import SourceClipsNode
+    from .train import TrainMotionLoraNode
+
+    return [SourceClipsNode, InvertNode, TrainMotionLoraNode, SaveMotionLoraNode, LoadMotionLoraNode, PropagateNode,
+            EditVideoNode, InversionSamplerNode, MetricsNode]
 
 
 async def comfy_entrypoint():
@@ -10,6 +24,6 @@ async def comfy_entrypoint():
 
     class I2VEditExtension(ComfyExtension):
         async def get_node_list(self):
-            return []
+            return node_classes()
 
     return I2VEditExtension()

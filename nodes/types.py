@@ -1,0 +1,25 @@
+"""The pack's custom link types and menu category (V3 `io.Custom`: link-only sockets)."""
+
+from comfy_api.latest import io
+
+CATEGORY = "I2VEdit"
+
+Clips = io.Custom("I2VEDIT_CLIPS")
+Inversion = io.Custom("I2VEDIT_INVERSION")
+MotionLora = io.Custom("I2VEDIT_MOTION_LORA")
+
+
+def model_inputs():
+    """MODEL, CLIP_VISION, VAE as the Image Only Checkpoint Loader gives them."""
+    return [
+        io.Model.Input("model", tooltip="SVD MODEL from Image Only Checkpoint Loader (img2vid). It is cloned, "
+                                        "never modified."),
+        io.ClipVision.Input("clip_vision", tooltip="CLIP_VISION from the same Image Only Checkpoint Loader."),
+        io.Vae.Input("vae", tooltip="VAE from the same Image Only Checkpoint Loader (SVD's video VAE)."),
+    ]
+
+
+def seed_input(tooltip: str):
+    # No control_after_generate: a seed that changes every run would redo the (cached) inversion
+    # and training on every queue.
+    return io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, tooltip=tooltip)

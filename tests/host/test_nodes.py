@@ -1,0 +1,174 @@
+"""The pack's nodes called directly, under torch.inference_mode() as ComfyUI's executor calls them.
+
+Tiny SVD from ComfyUI's classes (conftest), a 3-frame 64x96 video cut into 2 clips of 2 frames at a
+64x64 working size, 2 inversion steps and 1 training step: small, but every stage and the clip
+hand-off run. Every test checks that the incoming MODEL's weights and model_options are untouched.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from pack import node_classes, node_module
+
+SIZE = (64, 96)  # source height, width: not the working size, so the output must be resized back
+CLIP_WIDGETS = dict(frames_per_clip=2, overlap=1, working_width=64, working_height=64, fit="resize")
+INVERT_WIDGETS = dict(steps=2, sarp=True, sarp_scale=0.005, seed=0)
+MATCH_WIDGETS = dict(preset="local", beta1=0.5, beta2=0.8, threshold_first=0.35, threshold_last=0.35,
+                     min_guidance=1.0, max_guidance=2.5, seed=0)
+TRAIN_WIDGETS = dict(training_steps=1, rank=2, learning_rate=5e-4, low_vram=False, seed=0)
+
+
+def video(frames=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(1, *SIZE, 3, generator=g)
+    return torch.cat([base.roll(i * 4, dims=2) for i in range(frames)])  # a texture moving right
+
+
+def edited(image):
+    out = image[:1].clone()
+    out[:, 16:40, 24:56] = torch.tensor([1.0, 0.0, 0.0])
+    return out
+
+
+def snapshot(model):
+    return ({k: v.clone() for k, v in model.model.state_dict().items()}, copy.deepcopy(model.model_options),
+            dict(model.object_patches), {k: list(v) for k, v in model.patches.items()})
+
+
+def assert_unchanged(model, before):
+    weights, options, object_patches, patches = before
+    after = model.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in weights.items())
+    assert model.model_options == options
+    assert dict(model.object_patches) == object_patches and {k: list(v) for k, v in model.patches.items()} == patches
+
+
+def run(node, **inputs):
+    with torch.inference_mode():
+        return node.execute(**inputs)
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    return {cls.define_schema().node_id: cls for cls in node_classes()}
+
+
+@pytest.fixture(scope="module")
+def parts(comfy_parts):
+    return dict(model=comfy_parts["model"], clip_vision=comfy_parts["clip_vision"], vae=comfy_parts["vae"])
+
+
+@pytest.fixture(scope="module")
+def source():
+    return video()
+
+
+@pytest.fixture(scope="module")
+def clips(nodes, source):
+    return run(nodes["I2VEditSourceClips"], frames=source, **CLIP_WIDGETS)[0]
+
+
+@pytest.fixture(scope="module")
+def inversion(nodes, parts, clips):
+    before = snapshot(parts["model"])
+    out = run(nodes["I2VEditInvert"], clips=clips, **parts, **INVERT_WIDGETS)[0]
+    assert_unchanged(parts["model"], before)
+    return out
+
+
+def test_every_node_has_a_description_and_tooltips(nodes):
+    assert len(nodes) == 9
+    for node_id, cls in nodes.items():
+        schema = cls.define_schema()
+        assert schema.description and schema.display_name.startswith("I2VEdit"), node_id
+        assert all(i.tooltip for i in schema.inputs), [i.id for i in schema.inputs if not i.tooltip]
+
+
+def test_source_clips(nodes, source):
+    clips, summary = run(nodes["I2VEditSourceClips"], frames=source, **CLIP_WIDGETS).args
+    assert [list(c) for c in clips.video.clips] == [[0, 1], [1, 2]]
+    assert tuple(clips.video.source.shape) == (3, 3, 64, 64) and tuple(clips.frames.shape) == (3, 3, *SIZE)
+    assert summary == "3 frames in 2 clips at 64x64"
+    with pytest.raises(ValueError, match="lower the overlap"):
+        run(nodes["I2VEditSourceClips"], frames=source, **dict(CLIP_WIDGETS, overlap=2))
+
+
+def test_inversion_is_on_the_cpu_per_clip(inversion):
+    assert len(inversion.inversions) == 2
+    assert all(i.latents.device.type == "cpu" and tuple(i.latents.shape) == (3, 1, 2, 4, 8, 8)
+               for i in inversion.inversions)
+
+
+def test_propagate_two_edits_frame_count_and_size(nodes, parts, source, inversion):
+    before = snapshot(parts["model"])
+    edits = torch.cat([edited(source), source[:1]])
+    frames, maps = run(nodes["I2VEditPropagate"], inversion=inversion, edited_first_frames=edits, **parts,
+                       **MATCH_WIDGETS).args
+    assert_unchanged(parts["model"], before)
+    assert tuple(frames.shape) == (6, *SIZE, 3) and tuple(maps.shape) == (6, *SIZE, 3)
+    assert 0 <= float(frames.min()) and float(frames.max()) <= 1 and torch.isfinite(frames).all()
+    assert not torch.equal(frames[:3], frames[3:])  # the two edits differ
+
+
+def test_propagate_mask_keeps_the_source_outside(nodes, parts, source, inversion):
+    mask = torch.zeros(1, *SIZE)
+    mask[:, 16:40, 24:56] = 1
+    frames, _ = run(nodes["I2VEditPropagate"], inversion=inversion, edited_first_frames=edited(source), mask=mask,
+                    **parts, **dict(MATCH_WIDGETS, preset="custom", beta1=0.2, beta2=0.3)).args
+    assert torch.allclose(frames[:, :8], source[:, :8], atol=1e-5)  # rows above the mask: source exactly
+
+
+def test_propagate_rejects_a_wrong_size_edit(nodes, parts, source, inversion):
+    with pytest.raises(ValueError, match="edit frame 0 at the video's own size"):
+        run(nodes["I2VEditPropagate"], inversion=inversion, edited_first_frames=source[:1, :32], **parts,
+            **MATCH_WIDGETS)
+
+
+def test_train_save_load_and_propagate_with_lora(nodes, parts, source, clips, inversion, tmp_path, monkeypatch):
+    before = snapshot(parts["model"])
+    loras, curve = run(nodes["I2VEditTrainMotionLora"], clips=clips, inversion=inversion, **parts,
+                       **TRAIN_WIDGETS).args
+    assert_unchanged(parts["model"], before)
+    assert len(loras.loras) == 2 and [len(l) for l in loras.losses] == [1, 1]
+    assert curve.ndim == 4 and curve.shape[-1] == 3
+
+    files = node_module("lora_files")
+    monkeypatch.setattr(files, "loras_folder", lambda: tmp_path)
+    names = run(nodes["I2VEditSaveMotionLora"], motion_lora=loras, name="sub/clip", overwrite=False)[0]
+    assert names.split("\n") == ["sub/clip_clip01of02.safetensors", "sub/clip_clip02of02.safetensors"]
+    with pytest.raises(ValueError, match="turn on overwrite"):
+        run(nodes["I2VEditSaveMotionLora"], motion_lora=loras, name="sub/clip", overwrite=False)
+    loaded = files.load_series(tmp_path / "sub" / "clip_clip02of02.safetensors")
+    assert [sorted(l.weights) for l in loaded.loras] == [sorted(l.weights) for l in loras.loras]
+
+    frames, _ = run(nodes["I2VEditPropagate"], inversion=inversion, edited_first_frames=edited(source),
+                    motion_lora=loaded, **parts, **MATCH_WIDGETS).args
+    assert tuple(frames.shape) == (3, *SIZE, 3)
+    assert_unchanged(parts["model"], before)
+
+
+@pytest.mark.parametrize("name", ["../escape", "/abs/path", "a/../../b", "bad:name", ""])
+def test_lora_names_cannot_escape(name, tmp_path):
+    files = node_module("lora_files")
+    with pytest.raises(ValueError, match="not allowed|outside"):
+        files.save_series(None, name, False, tmp_path)
+
+
+def test_edit_video_all_in_one(nodes, parts, source):
+    before = snapshot(parts["model"])
+    widgets = {**CLIP_WIDGETS, **INVERT_WIDGETS, **TRAIN_WIDGETS, **MATCH_WIDGETS, "train_motion_lora": False}
+    frames, maps = run(nodes["I2VEditEditVideo"], frames=source, edited_first_frame=edited(source), **parts,
+                       **widgets).args
+    assert_unchanged(parts["model"], before)
+    assert tuple(frames.shape) == (3, *SIZE, 3) and tuple(maps.shape) == (3, *SIZE, 3)
+
+
+def test_metrics(nodes, source):
+    report, plot = run(nodes["I2VEditMetrics"], source=source, output=source.flip(2),
+                       edited_first_frame=edited(source)).args
+    assert "flicker" in report and "psnr_unedited" in report
+    assert plot.shape[0] == 1 and plot.shape[-1] == 3
+    with pytest.raises(ValueError, match="compare one edit at a time"):
+        run(nodes["I2VEditMetrics"], source=source, output=source[:2])

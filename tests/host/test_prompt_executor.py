@@ -1,0 +1,155 @@
+"""An API-format graph through ComfyUI's PromptExecutor in process (COMFYUI_NOTES 7.2).
+
+ComfyUI's node registry is filled as at start-up (comfy_extras, then custom nodes): this pack and
+a test-only loader node that hands out the tiny SVD of conftest. The graph edits a constant-colour
+video with the split nodes (Source Clips -> Invert -> Train -> Save LoRA -> Propagate -> Metrics) and
+also runs the Inversion Sampler inside core SamplerCustomAdvanced, reconstructing with euler.
+"""
+
+import asyncio
+import sys
+import types
+
+import pytest
+import torch
+
+from pack import REPO
+
+LOADER = '''
+import sys
+class TinySVDLoader:
+    RETURN_TYPES = ("MODEL", "CLIP_VISION", "VAE")
+    FUNCTION = "load"
+    CATEGORY = "testing"
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+    def load(self):
+        parts = sys.modules["i2vedit_test_parts"].parts
+        return parts["model"], parts["clip_vision"], parts["vae"]
+NODE_CLASS_MAPPINGS = {"TinySVDLoader": TinySVDLoader}
+'''
+
+
+class StubServer:
+    client_id = last_node_id = last_prompt_id = None
+    sockets_metadata = {}
+
+    def __init__(self):
+        self.events = []
+
+    def send_sync(self, event, data, sid=None):
+        self.events.append((event, data))
+
+    def queue_updated(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def comfy_nodes(comfy_parts, tmp_path_factory):
+    import folder_paths
+    import nodes
+
+    holder = types.ModuleType("i2vedit_test_parts")
+    holder.parts = comfy_parts
+    sys.modules[holder.__name__] = holder
+    folder = tmp_path_factory.mktemp("custom_nodes")
+    (folder / "tiny_svd_loader.py").write_text(LOADER)
+    for name in ("output", "temp"):
+        getattr(folder_paths, f"set_{name}_directory")(str(tmp_path_factory.mktemp(name)))
+    loras = tmp_path_factory.mktemp("loras")
+    folder_paths.add_model_folder_path("loras", str(loras), is_default=True)
+
+    async def init():
+        if "KarrasScheduler" not in nodes.NODE_CLASS_MAPPINGS:
+            await nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False)
+        assert await nodes.load_custom_node(str(folder / "tiny_svd_loader.py"))
+        assert await nodes.load_custom_node(str(REPO))
+    asyncio.run(init())
+    yield dict(nodes=nodes, loras=loras)
+    folder_paths.folder_names_and_paths["loras"][0].remove(str(loras))
+
+
+def graph():
+    L = ["1", 0], ["1", 1], ["1", 2]
+    model, clip_vision, vae = L
+    parts = dict(model=model, clip_vision=clip_vision, vae=vae)
+    return {
+        "1": {"class_type": "TinySVDLoader", "inputs": {}},
+        "2": {"class_type": "EmptyImage", "inputs": dict(width=96, height=64, batch_size=3, color=0x336699)},
+        "3": {"class_type": "EmptyImage", "inputs": dict(width=96, height=64, batch_size=1, color=0xcc3322)},
+        "4": {"class_type": "I2VEditSourceClips", "inputs": dict(frames=["2", 0], frames_per_clip=2, overlap=1,
+                                                                 working_width=64, working_height=64, fit="pad")},
+        "5": {"class_type": "I2VEditInvert", "inputs": dict(parts, clips=["4", 0], steps=2, sarp=True,
+                                                            sarp_scale=0.005, seed=1)},
+        "6": {"class_type": "I2VEditTrainMotionLora", "inputs": dict(parts, clips=["4", 0], training_steps=1, rank=2,
+                                                                     learning_rate=5e-4, low_vram=False, seed=0)},
+        "7": {"class_type": "I2VEditSaveMotionLora", "inputs": dict(motion_lora=["6", 0], name="graph/motion",
+                                                                    overwrite=True)},
+        "8": {"class_type": "I2VEditPropagate", "inputs": dict(
+            parts, inversion=["5", 0], edited_first_frames=["3", 0], motion_lora=["6", 0], preset="style", beta1=0.8,
+            beta2=0.9, threshold_first=0.35, threshold_last=0.35, min_guidance=1.0, max_guidance=2.5, seed=0)},
+        "9": {"class_type": "I2VEditMetrics", "inputs": dict(source=["2", 0], output=["8", 0])},
+        "10": {"class_type": "PreviewImage", "inputs": dict(images=["8", 1])},
+        # The Inversion Sampler inside core SamplerCustomAdvanced, then euler back down.
+        "20": {"class_type": "SVD_img2vid_Conditioning", "inputs": dict(
+            clip_vision=clip_vision, init_image=["3", 0], vae=vae, width=64, height=64, video_frames=2,
+            motion_bucket_id=127, fps=6, augmentation_level=0.0)},
+        "21": {"class_type": "VAEEncode", "inputs": dict(pixels=["2", 0], vae=vae)},
+        "22": {"class_type": "KarrasScheduler", "inputs": dict(steps=2, sigma_max=700.0, sigma_min=0.002, rho=7.0)},
+        "23": {"class_type": "FlipSigmas", "inputs": dict(sigmas=["22", 0])},
+        "24": {"class_type": "CFGGuider", "inputs": dict(model=model, positive=["20", 0], negative=["20", 1], cfg=1.0)},
+        "25": {"class_type": "DisableNoise", "inputs": {}},
+        "26": {"class_type": "I2VEditInversionSampler", "inputs": {}},
+        "27": {"class_type": "SamplerCustomAdvanced", "inputs": dict(noise=["25", 0], guider=["24", 0],
+                                                                     sampler=["26", 0], sigmas=["23", 0],
+                                                                     latent_image=["21", 0])},
+        "28": {"class_type": "SaveLatent", "inputs": dict(samples=["27", 0], filename_prefix="inverted")},
+    }
+
+
+def test_graph_runs_end_to_end(comfy_nodes):
+    import execution
+
+    prompt = graph()
+
+    async def run():
+        valid = await execution.validate_prompt("p1", prompt, None)
+        assert valid[0], valid[1:]
+        server = StubServer()
+        executor = execution.PromptExecutor(server)
+        await executor.execute_async(prompt, "p1", {}, valid[2])
+        return executor, server
+    executor, server = asyncio.run(run())
+    errors = [m for m in executor.status_messages if m[0] == "execution_error"]
+    assert executor.success, errors
+    outputs = executor.history_result["outputs"]
+    assert set(outputs) >= {"7", "9", "10", "28"}
+    saved = outputs["7"]["text"][0].split("\n")
+    assert saved == ["graph/motion_clip01of02.safetensors", "graph/motion_clip02of02.safetensors"]
+    assert all((comfy_nodes["loras"] / name).is_file() for name in saved)
+    assert "warp_error" in outputs["9"]["text"][0]
+    assert len(outputs["10"]["images"]) == 3  # the difference map has the video's 3 frames
+
+
+def test_inversion_sampler_matches_stock_euler_on_flipped_sigmas(comfy_nodes, comfy_parts):
+    """Our sampler integrates the same probability-flow ODE as core euler run up a FlipSigmas schedule."""
+    import comfy.samplers
+
+    from pack import node_module
+
+    samplers = node_module("samplers")
+    sigmas = torch.tensor([1e-4, 0.002, 0.5, 20.0], dtype=torch.float32)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def model(latent, sigma, **_):
+        seen.append(float(sigma[0]))
+        return latent * 0.5 / (1 + sigma.view(-1, 1, 1, 1) ** 2)  # any smooth denoiser
+
+    ours = samplers.inversion_function(model, x.clone(), sigmas)
+    stock = comfy.samplers.ksampler("euler").sampler_function(model, x.clone(), sigmas, disable=True)
+    assert torch.allclose(ours, stock, rtol=1e-5, atol=1e-5)
+    assert seen[:3] == pytest.approx([1e-4, 0.002, 0.5])
+    with pytest.raises(ValueError, match="FlipSigmas"):
+        samplers.inversion_function(model, x, sigmas.flip(0))
