@@ -33,7 +33,7 @@ def full_size_backend(frames: int) -> DiffusersBackend:
     from diffusers import UNetSpatioTemporalConditionModel
     with torch.device("cuda"):  # random init on the GPU: seconds instead of minutes on the CPU
         unet = UNetSpatioTemporalConditionModel(num_frames=frames, sample_size=96)
-    unet.to(torch.bfloat16)
+    unet.to("cuda", torch.bfloat16)  # legacy-constructed tensors (AlphaBlender.mix_factor) ignore the device context
     return DiffusersBackend(unet, tiny_vae().cuda(), tiny_clip().cuda(), torch.device("cuda"))
 
 
