@@ -27,8 +27,8 @@ def inversion_inputs():
     ]
 
 
-def inversion_settings(steps, sarp, sarp_scale, seed, **_) -> InversionSettings:
-    return InversionSettings(steps=steps, sarp_alpha=sarp_scale if sarp else 0.0, seed=seed)
+def inversion_settings(steps, sarp, sarp_scale, random_seed, **_) -> InversionSettings:
+    return InversionSettings(steps=steps, sarp_alpha=sarp_scale if sarp else 0.0, seed=random_seed)
 
 
 def run_inversion(model, clip_vision, vae, clips, settings, node_id=None) -> InvertedVideo:

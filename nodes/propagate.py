@@ -43,11 +43,11 @@ def matching_inputs():
     ]
 
 
-def edit_settings(preset, beta1, beta2, threshold_first, threshold_last, min_guidance, max_guidance, seed,
+def edit_settings(preset, beta1, beta2, threshold_first, threshold_last, min_guidance, max_guidance, random_seed,
                   **_) -> EditSettings:
     temporal = TemporalSelector(beta1, beta2) if preset == "custom" else TemporalSelector.preset(preset)
     matching = MatchSettings(thresholds=(threshold_first, threshold_last), temporal=temporal)
-    return EditSettings(matching=matching, min_guidance=min_guidance, max_guidance=max_guidance, seed=seed)
+    return EditSettings(matching=matching, min_guidance=min_guidance, max_guidance=max_guidance, seed=random_seed)
 
 
 def run_propagation(model, clip_vision, vae, inverted, loras, edited_image, edit, mask=None, node_id=None):

@@ -28,9 +28,9 @@ def training_inputs():
     ]
 
 
-def training_settings(training_steps, rank, learning_rate, low_vram, seed, **_) -> TrainingSettings:
+def training_settings(training_steps, rank, learning_rate, low_vram, random_seed, **_) -> TrainingSettings:
     return TrainingSettings(steps=training_steps, learning_rate=learning_rate, lora=LoraSpec(rank=rank),
-                            gradient_checkpointing=low_vram, seed=seed)
+                            gradient_checkpointing=low_vram, seed=random_seed)
 
 
 def run_training(model, clip_vision, vae, clips, training, inversion=None, node_id=None) -> MotionLoras:

@@ -20,6 +20,6 @@ def model_inputs():
 
 
 def seed_input(tooltip: str):
-    # No control_after_generate: a seed that changes every run would redo the (cached) inversion
-    # and training on every queue.
-    return io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, tooltip=tooltip)
+    # Not named "seed" and no control_after_generate: the front-end gives those a "randomize" control,
+    # and a seed that changes every queue would redo the (cached) inversion and training each time.
+    return io.Int.Input("random_seed", default=0, min=0, max=0xffffffffffffffff, tooltip=tooltip)

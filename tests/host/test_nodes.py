@@ -14,10 +14,10 @@ from pack import node_classes, node_module
 
 SIZE = (64, 96)  # source height, width: not the working size, so the output must be resized back
 CLIP_WIDGETS = dict(frames_per_clip=2, overlap=1, working_width=64, working_height=64, fit="resize")
-INVERT_WIDGETS = dict(steps=2, sarp=True, sarp_scale=0.005, seed=0)
+INVERT_WIDGETS = dict(steps=2, sarp=True, sarp_scale=0.005, random_seed=0)
 MATCH_WIDGETS = dict(preset="local", beta1=0.5, beta2=0.8, threshold_first=0.35, threshold_last=0.35,
-                     min_guidance=1.0, max_guidance=2.5, seed=0)
-TRAIN_WIDGETS = dict(training_steps=1, rank=2, learning_rate=5e-4, low_vram=False, seed=0)
+                     min_guidance=1.0, max_guidance=2.5, random_seed=0)
+TRAIN_WIDGETS = dict(training_steps=1, rank=2, learning_rate=5e-4, low_vram=False, random_seed=0)
 
 
 def video(frames=3, seed=0):

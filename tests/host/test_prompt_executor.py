@@ -15,6 +15,8 @@ import torch
 
 from pack import REPO
 
+sys.path.insert(0, str(REPO / "tools"))
+
 LOADER = '''
 import sys
 class TinySVDLoader:
@@ -60,6 +62,10 @@ def comfy_nodes(comfy_parts, tmp_path_factory):
     loras = tmp_path_factory.mktemp("loras")
     folder_paths.add_model_folder_path("loras", str(loras), is_default=True)
 
+    from workflow_format import preload_comfy_utils
+
+    preload_comfy_utils()
+
     async def init():
         if "KarrasScheduler" not in nodes.NODE_CLASS_MAPPINGS:
             await nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False)
@@ -81,14 +87,14 @@ def graph():
         "4": {"class_type": "I2VEditSourceClips", "inputs": dict(frames=["2", 0], frames_per_clip=2, overlap=1,
                                                                  working_width=64, working_height=64, fit="pad")},
         "5": {"class_type": "I2VEditInvert", "inputs": dict(parts, clips=["4", 0], steps=2, sarp=True,
-                                                            sarp_scale=0.005, seed=1)},
+                                                            sarp_scale=0.005, random_seed=1)},
         "6": {"class_type": "I2VEditTrainMotionLora", "inputs": dict(parts, clips=["4", 0], training_steps=1, rank=2,
-                                                                     learning_rate=5e-4, low_vram=False, seed=0)},
+                                                                     learning_rate=5e-4, low_vram=False, random_seed=0)},
         "7": {"class_type": "I2VEditSaveMotionLora", "inputs": dict(motion_lora=["6", 0], name="graph/motion",
                                                                     overwrite=True)},
         "8": {"class_type": "I2VEditPropagate", "inputs": dict(
             parts, inversion=["5", 0], edited_first_frames=["3", 0], motion_lora=["6", 0], preset="style", beta1=0.8,
-            beta2=0.9, threshold_first=0.35, threshold_last=0.35, min_guidance=1.0, max_guidance=2.5, seed=0)},
+            beta2=0.9, threshold_first=0.35, threshold_last=0.35, min_guidance=1.0, max_guidance=2.5, random_seed=0)},
         "9": {"class_type": "I2VEditMetrics", "inputs": dict(source=["2", 0], output=["8", 0])},
         "10": {"class_type": "PreviewImage", "inputs": dict(images=["8", 1])},
         # The Inversion Sampler inside core SamplerCustomAdvanced, then euler back down.
