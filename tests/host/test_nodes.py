@@ -172,3 +172,18 @@ def test_metrics(nodes, source):
     assert plot.shape[0] == 1 and plot.shape[-1] == 3
     with pytest.raises(ValueError, match="compare one edit at a time"):
         run(nodes["I2VEditMetrics"], source=source, output=source[:2])
+
+
+def test_cancel_interrupts_and_leaves_the_model_alone(nodes, parts, clips):
+    import comfy.model_management as mm
+
+    before = snapshot(parts["model"])
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            run(nodes["I2VEditInvert"], clips=clips, **parts, **INVERT_WIDGETS)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert_unchanged(parts["model"], before)
+    assert not any(loaded.model.model is parts["model"].model and loaded.model is not parts["model"]
+                   for loaded in mm.current_loaded_models)  # the backend's clone was released
