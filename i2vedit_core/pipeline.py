@@ -10,7 +10,7 @@ output has the input's frame count and size; the working size is internal.
 """
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -46,6 +46,14 @@ class PipelineSettings:
     micro: MicroConditioning = field(default_factory=MicroConditioning)  # of the edit (fps id 6)
     skip_interval: Optional[bool] = None     # None: on when the video has several clips
     decode_chunk: int = 8
+    low_vram: bool = False                   # checkpoint every block in training, decode 2 frames at a time
+
+    def resolved(self) -> "PipelineSettings":
+        """The settings actually run: low_vram switches on what it stands for."""
+        if not self.low_vram:
+            return self
+        training = None if self.training is None else replace(self.training, gradient_checkpointing=True)
+        return replace(self, training=training, decode_chunk=min(self.decode_chunk, 2))
 
 
 @dataclass
@@ -86,6 +94,7 @@ def edit_video(backend, frames, edited_first_frames, settings: PipelineSettings 
                cache: Optional[ArtifactCache] = None) -> PipelineResult:
     """frames: (T, 3, H, W) in [-1, 1], any size. edited_first_frames: (E, 3, H, W) or a list, one per edit,
     the same size as the video. Returns one VideoEdit per edit."""
+    settings = settings.resolved()
     video = prepare_video(frames, settings)
     edits = check_edited_frames(edited_first_frames, video.fit)
     timings = {}
@@ -113,6 +122,7 @@ def invert_video(backend, video: PreparedVideo, settings: PipelineSettings, prog
 def train_loras(backend, video: PreparedVideo, settings: PipelineSettings, progress: Optional[Progress] = None,
                 cancel=None, cache: Optional[ArtifactCache] = None) -> List[MotionLora]:
     """One motion LoRA per clip; the backend is left without an adapter."""
+    settings = settings.resolved()
     report = reporter(progress, cancel)
     loras = []
     try:
@@ -134,6 +144,7 @@ def propagate(backend, video: PreparedVideo, inversions: List[Inversion], loras:
     if len(inversions) != len(video.clips) or (loras is not None and len(loras) != len(video.clips)):
         raise ValueError(f"the video has {len(video.clips)} clips but got {len(inversions)} inversions and "
                          f"{'no' if loras is None else len(loras)} motion LoRAs: compute them from the same clips")
+    settings = settings.resolved()
     report = reporter(progress, cancel)
     timings = timings if timings is not None else {}
     frames = [[] for _ in edits]

@@ -62,7 +62,13 @@ class SkipInterval:
         self.controller.begin_step(0)
         capture_clip0_kv(self.backend, self.controller, self.source, sigma)
         try:
-            return self.backend.denoise(x, sigma, cond, attention=self.controller.plain_pass(rows),
-                                        lora_scale=lora_scale)
-        finally:
+            out = self.backend.denoise(x, sigma, cond, attention=self.controller.plain_pass(rows),
+                                       lora_scale=lora_scale)
+        except BaseException:
             self.controller.end()
+            raise
+        # An output with a graph keeps the clip-0 K/V until the next call replaces them: with gradient
+        # checkpointing, backward re-runs the temporal attention and needs them again.
+        if not out.requires_grad:
+            self.controller.end()
+        return out

@@ -165,13 +165,57 @@ def lora_training(unet, gradient_checkpointing: bool = False):
         module.train()
     if gradient_checkpointing and not was_checkpointing:
         unet.enable_gradient_checkpointing()
+    checkpointed = _checkpoint_transformers(unet) if gradient_checkpointing else []
     try:
         yield
     finally:
         for module in dropouts:
             module.eval()
+        for module in checkpointed:
+            del module.forward  # back to the class's forward
         if gradient_checkpointing and not was_checkpointing:
             unet.disable_gradient_checkpointing()
+
+
+def _checkpoint_transformers(unet) -> list:
+    """Recompute every spatio-temporal transformer in backward instead of keeping its activations.
+
+    diffusers checkpoints the resnets, but its transformer checkpointing only acts in train mode
+    (the UNet stays in eval mode) and never covers the temporal blocks, whose activations dominate.
+    """
+    from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel
+    from torch.utils.checkpoint import checkpoint
+
+    modules = [m for m in unet.modules() if isinstance(m, TransformerSpatioTemporalModel)]
+    for module in modules:
+        module.forward = _checkpointed(module, module.forward, checkpoint)
+    return modules
+
+
+def _checkpointed(module, forward, checkpoint):
+    """forward under activation checkpointing, recomputed with the attention processors it ran with.
+
+    Processors are swapped per call by `use_attention` (attention control, skip-interval); backward
+    runs after the call has restored the defaults, so the recompute reinstalls the call's own.
+    """
+    attentions = [m for m in module.modules() if hasattr(m, "set_processor") and hasattr(m, "processor")]
+
+    def call(*args, **kwargs):
+        processors = [m.processor for m in attentions]
+
+        def run(*inner_args, **inner_kwargs):
+            current = [m.processor for m in attentions]
+            for m, p in zip(attentions, processors):
+                m.processor = p
+            try:
+                return forward(*inner_args, **inner_kwargs)
+            finally:
+                for m, p in zip(attentions, current):
+                    m.processor = p
+
+        return checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+    return call
 
 
 def _adapter_params(layer) -> List[torch.nn.Parameter]:
