@@ -70,11 +70,16 @@ class Clip0:
 
 def edit_clip(backend: SVDBackend, inversion: Inversion, edit_cond: Conditioning,
               settings: EditSettings = EditSettings(), lora_scale: float = 1.0,
-              callback: Optional[StepCallback] = None, clip0: Optional[Clip0] = None) -> EditResult:
+              callback: Optional[StepCallback] = None, clip0: Optional[Clip0] = None,
+              mask: Optional[torch.Tensor] = None) -> EditResult:
     """Denoise `inversion.noise` under `edit_cond` (batch 1, clean conditioning latent) with matching.
 
     The callback dict also has "masks" (spatial layer path -> M (1, F, N) of that step) and
     "temporal_source" (temporal layer paths that used the source probabilities).
+    mask: optional (h, w) latent-resolution edit mask in [0, 1]. Before every step the latent becomes
+    m * x + (1 - m) * (source inversion latent at that sigma), and the final latent
+    m * x + (1 - m) * (source latent): where m = 0 the output is the source, where m = 1 the edit
+    is untouched (an all-one mask gives exactly the unmasked result).
     """
     if edit_cond.batch_size != 1 or edit_cond.image_latents.shape[1] != inversion.latents.shape[2]:
         raise ValueError("edit conditioning must be one video with the clip's frame count "
@@ -88,7 +93,11 @@ def edit_clip(backend: SVDBackend, inversion: Inversion, edit_cond: Conditioning
     guidance = torch.linspace(settings.min_guidance, settings.max_guidance, frames).view(1, frames, 1, 1, 1)
     trajectory = []
 
+    keep = None if mask is None else mask.to(inversion.latents).view(1, 1, 1, *mask.shape[-2:])
+
     def model(x, sigma, step):
+        if keep is not None:
+            x = keep * x + (1 - keep) * inversion.latents[steps - step]
         trajectory.append(x)
         controller.begin_step(step)
         _source_forward(backend, controller, inversion, steps - step - settings.source_step_offset, clip0)
@@ -110,6 +119,8 @@ def edit_clip(backend: SVDBackend, inversion: Inversion, edit_cond: Conditioning
         latent = denoise(model, inversion.noise, sigmas, callback=report)
     finally:
         controller.end()
+    if keep is not None:
+        latent = keep * latent + (1 - keep) * inversion.latents[0]
     return EditResult(latent, sigmas, torch.stack(trajectory), cfg_cond, controller.maps)
 
 

@@ -91,9 +91,10 @@ def prepare_video(frames, settings: PipelineSettings = PipelineSettings()) -> Pr
 
 def edit_video(backend, frames, edited_first_frames, settings: PipelineSettings = PipelineSettings(),
                progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
-               cache: Optional[ArtifactCache] = None) -> PipelineResult:
+               cache: Optional[ArtifactCache] = None, mask: Optional[torch.Tensor] = None) -> PipelineResult:
     """frames: (T, 3, H, W) in [-1, 1], any size. edited_first_frames: (E, 3, H, W) or a list, one per edit,
-    the same size as the video. Returns one VideoEdit per edit."""
+    the same size as the video. mask: optional (H, W) in [0, 1], 1 = may change (editing.edit_clip
+    gives the exact rule). Returns one VideoEdit per edit."""
     settings = settings.resolved()
     video = prepare_video(frames, settings)
     edits = check_edited_frames(edited_first_frames, video.fit)
@@ -103,7 +104,8 @@ def edit_video(backend, frames, edited_first_frames, settings: PipelineSettings 
     timings["invert"], started = time.perf_counter() - started, time.perf_counter()
     loras = train_loras(backend, video, settings, progress, cancel, cache) if settings.training is not None else None
     timings["train"], started = time.perf_counter() - started, time.perf_counter()
-    results = propagate(backend, video, inversions, loras, edits, settings, progress, cancel, timings)
+    results = propagate(backend, video, inversions, loras, edits, settings, progress, cancel, timings,
+                        latent_mask(mask, video) if mask is not None else None)
     return PipelineResult(results, timings, video.clips)
 
 
@@ -139,7 +141,7 @@ def train_loras(backend, video: PreparedVideo, settings: PipelineSettings, progr
 
 def propagate(backend, video: PreparedVideo, inversions: List[Inversion], loras: Optional[List[MotionLora]],
               edits: torch.Tensor, settings: PipelineSettings, progress: Optional[Progress] = None, cancel=None,
-              timings: Optional[Dict[str, float]] = None) -> List[VideoEdit]:
+              timings: Optional[Dict[str, float]] = None, mask: Optional[torch.Tensor] = None) -> List[VideoEdit]:
     """Matched denoising of every edit (E, 3, H, W) at the working size, clip after clip, then decode."""
     if len(inversions) != len(video.clips) or (loras is not None and len(loras) != len(video.clips)):
         raise ValueError(f"the video has {len(video.clips)} clips but got {len(inversions)} inversions and "
@@ -156,7 +158,7 @@ def propagate(backend, video: PreparedVideo, inversions: List[Inversion], loras:
                 backend.load_lora(loras[k])
             for e in range(len(edits)):
                 result, decoded = _edit_one_clip(backend, video, k, inversions, edits[e], results[e], frames[e],
-                                                 settings, loras is not None, report, timings)
+                                                 settings, loras is not None, report, timings, mask)
                 results[e].append(result)
                 frames[e].append(decoded)
                 maps[e].append(_average_map(result, decoded.shape[0]))
@@ -167,7 +169,7 @@ def propagate(backend, video: PreparedVideo, inversions: List[Inversion], loras:
 
 
 def _edit_one_clip(backend, video, k, inversions, edited_frame, earlier: List[EditResult], decoded_earlier,
-                   settings, with_lora, report, timings):
+                   settings, with_lora, report, timings, mask=None):
     started = time.perf_counter()
     count = len(video.clips)
     cond = _edit_conditioning(backend, edited_frame, earlier[-1] if earlier else None,
@@ -175,6 +177,7 @@ def _edit_one_clip(backend, video, k, inversions, edited_frame, earlier: List[Ed
     clip0 = Clip0.of(inversions[0], earlier[0]) if video.skip_interval and k > 0 else None
     report("edit", k, count, 0, settings.inversion.steps)
     result = edit_clip(backend, inversions[k], cond, settings.edit, lora_scale=1.0 if with_lora else 0.0, clip0=clip0,
+                       mask=mask,
                        callback=_step_reporter(report, "edit", k, count, settings.inversion.steps))
     timings["edit"] = timings.get("edit", 0.0) + time.perf_counter() - started
     started = time.perf_counter()
@@ -218,6 +221,21 @@ def _assemble(clip_frames: List[torch.Tensor], clip_maps: List[torch.Tensor], vi
     maps = torch.cat([m[r.start - c.start:r.stop - c.start] for m, r, c in zip(maps, keep, video.clips)])
     difference = from_working(maps.expand(-1, 3, -1, -1) * 2 - 1, video.fit)[:, :1]
     return VideoEdit(from_working(frames, video.fit), ((difference + 1) / 2).clamp(0, 1))
+
+
+def latent_mask(mask: torch.Tensor, video: PreparedVideo) -> torch.Tensor:
+    """A user mask (H, W) in [0, 1] at the source size -> (h, w) at the working latent size."""
+    mask = torch.as_tensor(mask, dtype=torch.float32)
+    if mask.ndim == 3 and mask.shape[0] == 1:
+        mask = mask[0]
+    if tuple(mask.shape) != tuple(video.fit.source_hw):
+        raise ValueError(f"the mask is {'x'.join(map(str, mask.shape[::-1]))} but the video is "
+                         f"{video.fit.source_hw[1]}x{video.fit.source_hw[0]}: give one (H, W) mask at the video's size")
+    if not bool(torch.isfinite(mask).all()) or float(mask.min()) < 0 or float(mask.max()) > 1:
+        raise ValueError("the mask must hold finite values in [0, 1] (1 = may change)")
+    working = to_working(mask[None, None].expand(1, 3, -1, -1) * 2 - 1, video.fit)[:, :1]
+    height, width = video.fit.working_hw
+    return ((F.adaptive_avg_pool2d(working, (height // 8, width // 8)) + 1) / 2).clamp(0, 1)[0, 0]
 
 
 def check_edited_frames(edited, fit: Fit) -> torch.Tensor:

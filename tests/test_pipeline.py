@@ -86,3 +86,26 @@ def test_edited_frame_of_another_size(backend, video):
 def test_no_edited_frame(backend, video):
     with pytest.raises(ValueError, match="edited first frames needs at least 1 frames|empty"):
         edit_video(backend, video[:6], torch.zeros(0, 3, 64, 64), SETTINGS)
+
+
+# SARP off so that the source latent is exactly the VAE latent of the frames
+MASK_SETTINGS = PipelineSettings(clip_length=6, working_size=(64, 64),
+                                 inversion=InversionSettings(steps=3, sarp_alpha=0.0), training=None)
+
+
+def test_all_one_mask_equals_no_mask_and_all_zero_mask_keeps_the_source(backend, video):
+    clip = video[:6]
+    plain = edit_video(backend, clip, edited(video)[None], MASK_SETTINGS).edits[0].frames
+    ones = edit_video(backend, clip, edited(video)[None], MASK_SETTINGS, mask=torch.ones(64, 64)).edits[0].frames
+    zeros = edit_video(backend, clip, edited(video)[None], MASK_SETTINGS, mask=torch.zeros(64, 64)).edits[0].frames
+    assert torch.equal(ones, plain)
+    source_reconstruction = backend.decode(backend.encode(clip))  # what the unchanged source latent decodes to
+    assert (zeros - source_reconstruction).abs().max() < 1e-4, float((zeros - source_reconstruction).abs().max())
+    assert (plain - source_reconstruction).abs().max() > 0.1
+
+
+def test_bad_masks(backend, video):
+    with pytest.raises(ValueError, match="mask is 32x32 but the video is 64x64"):
+        edit_video(backend, video[:6], edited(video)[None], MASK_SETTINGS, mask=torch.ones(32, 32))
+    with pytest.raises(ValueError, match=r"finite values in \[0, 1\]"):
+        edit_video(backend, video[:6], edited(video)[None], MASK_SETTINGS, mask=torch.full((64, 64), float("nan")))
