@@ -133,7 +133,7 @@ def train_loras(backend, video: PreparedVideo, settings: PipelineSettings, progr
             report("train", k, len(video.clips), 0, settings.training.steps)
             loras.append(cached_lora(
                 backend, video.clip_frames(k), settings.training, cache, clip0=clip0, cancel=cancel,
-                progress=lambda p: report("train", k, len(video.clips), p["step"], p["steps"], loss=p["loss"])))
+                progress=lambda p: report("train", k, len(video.clips), p["step"] + 1, p["steps"], loss=p["loss"])))
     finally:
         backend.detach_lora()
     return loras
