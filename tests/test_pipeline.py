@@ -109,3 +109,29 @@ def test_bad_masks(backend, video):
         edit_video(backend, video[:6], edited(video)[None], MASK_SETTINGS, mask=torch.ones(32, 32))
     with pytest.raises(ValueError, match=r"finite values in \[0, 1\]"):
         edit_video(backend, video[:6], edited(video)[None], MASK_SETTINGS, mask=torch.full((64, 64), float("nan")))
+
+
+def test_two_edits_share_one_inversion_and_one_training_per_clip(backend, video, monkeypatch):
+    import i2vedit_core.stages as stages_module
+    calls = {"invert": 0, "train": 0}
+    real_invert, real_train = stages_module.invert_clip, stages_module.train_motion_lora
+
+    def counting_invert(*args, **kwargs):
+        calls["invert"] += 1
+        return real_invert(*args, **kwargs)
+
+    def counting_train(*args, **kwargs):
+        calls["train"] += 1
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(stages_module, "invert_clip", counting_invert)
+    monkeypatch.setattr(stages_module, "train_motion_lora", counting_train)
+    settings = PipelineSettings(clip_length=6, overlap=1, working_size=(64, 64), skip_interval=False,
+                                inversion=InversionSettings(steps=2), training=TrainingSettings(steps=1))
+    result = edit_video(backend, video[:11], torch.stack([edited(video), video[0]]), settings)
+    assert len(result.clips) == 2 and calls == {"invert": 2, "train": 2}
+    calls.update(invert=0, train=0)
+    cache = ArtifactCache()
+    edit_video(backend, video[:11], edited(video)[None], settings, cache=cache)
+    edit_video(backend, video[:11], video[:1], settings, cache=cache)
+    assert calls == {"invert": 2, "train": 2}, "the second call must hit the cache"
