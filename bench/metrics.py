@@ -40,7 +40,7 @@ def main():
           f"{time.perf_counter() - started:.1f} s")
     print("| metric | output | source |\n|---|---|---|")
     for name in ("warp_error", "flicker", "seam_colour_drift"):
-        print(f"| {name} | {report[name]} | {report[name + '_source']} |")
+        print(f"| {name} | {report[name]:.4f} | {report[name + '_source']:.4f} |")
     print(f"| psnr_unedited (dB) | {report['psnr_unedited']:.2f} | inf |")
     print(f"| ssim_unedited | {report['ssim_unedited']:.4f} | 1 |")
     print(f"| first_frame_psnr (dB) | {report['first_frame_psnr']:.2f} | inf |")
