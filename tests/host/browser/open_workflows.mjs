@@ -15,6 +15,9 @@ try {
   const page = await browser.newPage({ viewport: { width: 1600, height: 1000 } });
   await page.goto(url, { waitUntil: "networkidle" });
   await page.waitForFunction(() => window.app?.graph && window.LiteGraph, null, { timeout: 60000 });
+  // A fresh profile opens the template browser on start; close it so screenshots show the graph.
+  await page.waitForTimeout(1000);
+  await page.keyboard.press("Escape");
   for (const file of files) {
     const workflow = JSON.parse(readFileSync(file, "utf8"));
     const result = await page.evaluate(async (wf) => {
@@ -25,6 +28,7 @@ try {
       const extension = window.app.extensions.some((e) => e.name === "i2vedit.ui");
       return { missing, dialog, extension, nodes: window.app.graph._nodes.length };
     }, workflow);
+    await page.waitForTimeout(300);
     await page.screenshot({ path: join(shots, basename(file, ".json") + ".png") });
     await page.keyboard.press("Escape");
     console.log(JSON.stringify({ name: basename(file), ...result }));
