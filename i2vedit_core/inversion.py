@@ -62,7 +62,8 @@ def invert_clip(backend: SVDBackend, frames: torch.Tensor, settings: InversionSe
     x0 = backend.encode(clip)[None]
     sigmas = inversion_sigmas(settings.steps)
     if clip0 is None:
-        model = lambda x, sigma, step: backend.denoise(x, sigma, cond)
+        # lora_scale=0: inversion is of the base model, even while a clip's motion LoRA is attached
+        model = lambda x, sigma, step: backend.denoise(x, sigma, cond, lora_scale=0.0)
     else:
         skip = SkipInterval(backend, KVSource.from_inversion(clip0))
         model = lambda x, sigma, step: skip.denoise(x, sigma, cond, lora_scale=0.0, rows=("source",))

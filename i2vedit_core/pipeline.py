@@ -46,7 +46,7 @@ class PipelineSettings:
     micro: MicroConditioning = field(default_factory=MicroConditioning)  # of the edit (fps id 6)
     skip_interval: Optional[bool] = None     # None: on when the video has several clips
     decode_chunk: int = 8
-    low_vram: bool = False                   # checkpoint every block in training, decode 2 frames at a time
+    low_vram: bool = False                   # activation checkpointing in training, decode 2 frames at a time
 
     def resolved(self) -> "PipelineSettings":
         """The settings actually run: low_vram switches on what it stands for."""
@@ -127,9 +127,11 @@ def train_loras(backend, video: PreparedVideo, settings: PipelineSettings, progr
     settings = settings.resolved()
     report = reporter(progress, cancel)
     loras = []
+    clip0 = None
     try:
         for k in range(len(video.clips)):
-            clip0 = _training_clip0(backend, video, settings, cache) if video.skip_interval and k > 0 else None
+            if video.skip_interval and k == 1:  # once, after LoRA 0 exists; inverted with the base model
+                clip0 = _training_clip0(backend, video, settings, cache)
             report("train", k, len(video.clips), 0, settings.training.steps)
             loras.append(cached_lora(
                 backend, video.clip_frames(k), settings.training, cache, clip0=clip0, cancel=cancel,
@@ -159,7 +161,8 @@ def propagate(backend, video: PreparedVideo, inversions: List[Inversion], loras:
             for e in range(len(edits)):
                 result, decoded = _edit_one_clip(backend, video, k, inversions, edits[e], results[e], frames[e],
                                                  settings, loras is not None, report, timings, mask)
-                results[e].append(result)
+                # later clips need only clip 0 (skip-interval K/V) and the previous clip (hand-off)
+                results[e] = results[e][:1] + [result] if results[e] else [result]
                 frames[e].append(decoded)
                 maps[e].append(_average_map(result, decoded.shape[0]))
     finally:

@@ -69,3 +69,12 @@ def test_unwritable_path_is_a_clear_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(ValueError, match="not writable"):
         ArtifactCache(blocker / "sub")
+
+
+def test_diffusers_backend_identity_follows_the_weights():
+    from i2vedit_core.tiny import tiny_backend
+    a, b, other = tiny_backend(seed=0), tiny_backend(seed=0), tiny_backend(seed=5)
+    assert a.identity() == b.identity() != other.identity()
+    with torch.no_grad():
+        b.vae.decoder.conv_out.weight.view(-1)[0] += 1.0  # a changed VAE changes inversions too
+    assert a.identity() != b.identity()

@@ -114,7 +114,7 @@ class AttentionController:
 
     def _spatial(self, q, k, v, site, p) -> torch.Tensor:
         rows = site.layout.rows
-        if p.capture_source:
+        if p.capture_source and self.settings.match_spatial:  # nothing reads it otherwise (~1 GB a step)
             self.buffer.spatial[site.path] = _rows_of(site, "source", q.detach(), k.detach())
         if not (p.match and self.settings.match_spatial and "cond" in rows):
             return F.scaled_dot_product_attention(q, k, v)

@@ -73,6 +73,21 @@ class DiffusersBackend:
                           added_time_ids=cond.time_ids.to(self.device, self.dtype), return_dict=False)[0]
         return pre.c_skip * x + pre.c_out * v.float()
 
+    def identity(self) -> str:
+        """A short fingerprint of the three models (configs, dtype, weight statistics), for cache keys."""
+        import hashlib
+        import json
+        digest = hashlib.sha256(str(self.dtype).encode())
+        for module in (self.unet, self.vae, self.image_encoder):
+            config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
+            digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+            # Sum and sum of squares of every tensor: touches all weights, one small copy to the host.
+            with torch.no_grad():
+                stats = torch.stack([torch.stack([p.double().sum(), p.double().pow(2).sum()])
+                                     for name, p in module.named_parameters() if "lora_" not in name])
+            digest.update(stats.cpu().numpy().tobytes())
+        return "diffusers-svd-" + digest.hexdigest()[:16]
+
     # Motion LoRA (`LoraBackend` in base.py): one peft adapter on the temporal blocks, switched in place.
     def attach_lora(self, spec, generator=None):
         diffusers_lora.attach_lora(self.unet, spec, generator)
