@@ -13,7 +13,8 @@ def split_clips(num_frames: int, clip_length: int, overlap: int = 1) -> List[ran
     if clip_length < 2:
         raise ValueError(f"clip_length must be at least 2 frames, got {clip_length}")
     if not 0 <= overlap < clip_length:
-        raise ValueError(f"overlap must be in [0, clip_length), got overlap={overlap}, clip_length={clip_length}")
+        raise ValueError(f"overlap must be in [0, clip_length), got overlap={overlap}, clip_length={clip_length}: "
+                         "lower the overlap (1 is the official hand-off)")
     if num_frames < 2:
         raise ValueError(f"the video needs at least 2 frames, got {num_frames}")
     stride = clip_length - overlap

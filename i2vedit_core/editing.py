@@ -8,6 +8,7 @@ Each of the `steps` Euler steps runs, in one controller step:
 Nothing is stored across steps but the difference maps and the (small) latent trajectory.
 """
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -31,6 +32,14 @@ class EditSettings:
     seed: int = 0
 
     def __post_init__(self):
+        # CFG below 1 pushes away from the edited frame, NaN poisons every latent: refuse both up front.
+        for name in ("min_guidance", "max_guidance"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 1.0):
+                raise ValueError(f"{name} must be a finite CFG scale >= 1 (SVD: min 1.0, max 2.5-3.0), got {value}")
+        if not (math.isfinite(self.cond_latent_noise) and self.cond_latent_noise >= 0):
+            raise ValueError(f"cond_latent_noise must be a finite value >= 0 (official: 0.02), "
+                             f"got {self.cond_latent_noise}")
         if self.source_step_offset not in (0, 1):
             raise ValueError(f"source_step_offset must be 0 or 1 (official), got {self.source_step_offset}")
 

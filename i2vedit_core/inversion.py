@@ -1,5 +1,6 @@
 """EDM inversion of a source clip (ALGORITHM.md sections 2-3): SARP, encode, run the ODE upward."""
 
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -22,6 +23,17 @@ class InversionSettings:
     # The official code conditions inversion on fps id 8 (it skips SVD's fps - 1).
     micro: MicroConditioning = field(default_factory=lambda: MicroConditioning(fps_id=8))
     seed: int = 0
+
+    def __post_init__(self):
+        # Checked here, not deep in the sampler: 0 steps would give an empty schedule and a confusing crash.
+        if not (isinstance(self.steps, int) and self.steps >= 1):
+            raise ValueError(f"inversion steps must be a positive integer (paper: 25), got {self.steps!r}")
+        if not (math.isfinite(self.sarp_alpha) and self.sarp_alpha >= 0):
+            raise ValueError(f"sarp_alpha must be a finite value >= 0 (0 = SARP off, paper: {SARP_ALPHA}), "
+                             f"got {self.sarp_alpha}")
+        if not (math.isfinite(self.sarp_threshold) and self.sarp_threshold >= 0):
+            raise ValueError(f"sarp_threshold must be a finite value >= 0 (paper: {SARP_THRESHOLD}), "
+                             f"got {self.sarp_threshold}")
 
 
 @dataclass

@@ -238,6 +238,16 @@ def check_fits(lora: MotionLora, shapes: Mapping[str, Tuple[int, int]]) -> None:
                              "it is a LoRA for another model size")
 
 
+def check_rank_fits(spec: LoraSpec, shapes: Mapping[str, Tuple[int, int]]) -> None:
+    """A rank above a Linear's smaller side adds parameters that cannot raise the update's rank: refuse it."""
+    if not shapes:
+        raise ValueError("the model has none of the motion LoRA's target Linears: it is not an SVD UNet")
+    width = min(min(shape) for shape in shapes.values())
+    if spec.rank > width:
+        raise ValueError(f"LoRA rank {spec.rank} is above the width {width} of the narrowest adapted layer: "
+                         f"choose a rank <= {width} (paper: 32)")
+
+
 def _pair_rank(pairs: Mapping[str, Tuple[torch.Tensor, torch.Tensor]], source: str) -> int:
     ranks = set()
     for path, (down, up) in pairs.items():

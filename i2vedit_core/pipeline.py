@@ -10,6 +10,7 @@ output has the input's frame count and size; the working size is internal.
 """
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional
 
@@ -34,6 +35,25 @@ class Cancelled(RuntimeError):
     """The host's cancel check returned true; nothing partial was cached."""
 
 
+class OutOfMemory(torch.cuda.OutOfMemoryError):
+    """GPU out of memory, re-raised with what to change (the original is `__cause__`). Still an
+    OutOfMemoryError, so hosts that free memory on OOM (ComfyUI's executor) go on doing so."""
+
+
+@contextmanager
+def memory_hint(stage: str, low_vram: bool):
+    """Re-raise a GPU OOM inside `stage` as OutOfMemory naming the settings that lower the peak."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as error:
+        if isinstance(error, OutOfMemory):
+            raise
+        first = ("" if low_vram else "switch on low-VRAM mode (PipelineSettings(low_vram=True), the nodes' "
+                 "low_vram switch), or ")
+        raise OutOfMemory(f"out of GPU memory during {stage}: {first}use a smaller working size (e.g. 768x448) "
+                          "or fewer frames per clip, and close other GPU work") from error
+
+
 @dataclass(frozen=True)
 class PipelineSettings:
     clip_length: int = 14
@@ -47,6 +67,12 @@ class PipelineSettings:
     skip_interval: Optional[bool] = None     # None: on when the video has several clips
     decode_chunk: int = 8
     low_vram: bool = False                   # activation checkpointing in training, decode 2 frames at a time
+
+    def __post_init__(self):
+        # The clip layout is checked again by split_clips; checking here makes a bad setting fail at once.
+        split_clips(self.clip_length, self.clip_length, self.overlap)
+        if not (isinstance(self.decode_chunk, int) and self.decode_chunk >= 1):
+            raise ValueError(f"decode_chunk must be a positive frame count (default 8), got {self.decode_chunk!r}")
 
     def resolved(self) -> "PipelineSettings":
         """The settings actually run: low_vram switches on what it stands for."""
@@ -113,11 +139,13 @@ def invert_video(backend, video: PreparedVideo, settings: PipelineSettings, prog
                  cancel=None, cache: Optional[ArtifactCache] = None) -> List[Inversion]:
     report = reporter(progress, cancel)
     inversions: List[Inversion] = []
-    for k in range(len(video.clips)):
-        clip0 = inversions[0] if video.skip_interval and k > 0 else None
-        callback = _step_reporter(report, "invert", k, len(video.clips), settings.inversion.steps)
-        report("invert", k, len(video.clips), 0, settings.inversion.steps)
-        inversions.append(cached_inversion(backend, video.clip_frames(k), settings.inversion, cache, clip0, callback))
+    with memory_hint("inversion", settings.low_vram):
+        for k in range(len(video.clips)):
+            clip0 = inversions[0] if video.skip_interval and k > 0 else None
+            callback = _step_reporter(report, "invert", k, len(video.clips), settings.inversion.steps)
+            report("invert", k, len(video.clips), 0, settings.inversion.steps)
+            inversions.append(cached_inversion(backend, video.clip_frames(k), settings.inversion, cache, clip0,
+                                               callback))
     return inversions
 
 
@@ -129,13 +157,15 @@ def train_loras(backend, video: PreparedVideo, settings: PipelineSettings, progr
     loras = []
     clip0 = None
     try:
-        for k in range(len(video.clips)):
-            if video.skip_interval and k == 1:  # once, after LoRA 0 exists; inverted with the base model
-                clip0 = _training_clip0(backend, video, settings, cache)
-            report("train", k, len(video.clips), 0, settings.training.steps)
-            loras.append(cached_lora(
-                backend, video.clip_frames(k), settings.training, cache, clip0=clip0, cancel=cancel,
-                progress=lambda p: report("train", k, len(video.clips), p["step"] + 1, p["steps"], loss=p["loss"])))
+        with memory_hint("motion-LoRA training", settings.low_vram):
+            for k in range(len(video.clips)):
+                if video.skip_interval and k == 1:  # once, after LoRA 0 exists; inverted with the base model
+                    clip0 = _training_clip0(backend, video, settings, cache)
+                report("train", k, len(video.clips), 0, settings.training.steps)
+                loras.append(cached_lora(
+                    backend, video.clip_frames(k), settings.training, cache, clip0=clip0, cancel=cancel,
+                    progress=lambda p: report("train", k, len(video.clips), p["step"] + 1, p["steps"],
+                                              loss=p["loss"])))
     finally:
         backend.detach_lora()
     return loras
@@ -148,6 +178,13 @@ def propagate(backend, video: PreparedVideo, inversions: List[Inversion], loras:
     if len(inversions) != len(video.clips) or (loras is not None and len(loras) != len(video.clips)):
         raise ValueError(f"the video has {len(video.clips)} clips but got {len(inversions)} inversions and "
                          f"{'no' if loras is None else len(loras)} motion LoRAs: compute them from the same clips")
+    for k, lora in enumerate(loras or []):
+        # Weights fit any frame count, but a LoRA trained on a clip of another length is another clip's motion.
+        trained = lora.metadata.get("source_frames")
+        if trained is not None and trained != str(len(video.clips[k])):
+            raise ValueError(f"motion LoRA {k + 1} was trained on a clip of {trained} frames but clip {k + 1} has "
+                             f"{len(video.clips[k])}: train (or load) the motion LoRA with the same frames per clip "
+                             "and overlap")
     settings = settings.resolved()
     report = reporter(progress, cancel)
     timings = timings if timings is not None else {}
@@ -175,16 +212,18 @@ def _edit_one_clip(backend, video, k, inversions, edited_frame, earlier: List[Ed
                    settings, with_lora, report, timings, mask=None):
     started = time.perf_counter()
     count = len(video.clips)
-    cond = _edit_conditioning(backend, edited_frame, earlier[-1] if earlier else None,
-                              decoded_earlier[-1] if decoded_earlier else None, len(video.clips[k]), settings.micro)
     clip0 = Clip0.of(inversions[0], earlier[0]) if video.skip_interval and k > 0 else None
     report("edit", k, count, 0, settings.inversion.steps)
-    result = edit_clip(backend, inversions[k], cond, settings.edit, lora_scale=1.0 if with_lora else 0.0, clip0=clip0,
-                       mask=mask,
-                       callback=_step_reporter(report, "edit", k, count, settings.inversion.steps))
+    with memory_hint("denoising", settings.low_vram):
+        cond = _edit_conditioning(backend, edited_frame, earlier[-1] if earlier else None,
+                                  decoded_earlier[-1] if decoded_earlier else None, len(video.clips[k]), settings.micro)
+        result = edit_clip(backend, inversions[k], cond, settings.edit, lora_scale=1.0 if with_lora else 0.0,
+                           clip0=clip0, mask=mask,
+                           callback=_step_reporter(report, "edit", k, count, settings.inversion.steps))
     timings["edit"] = timings.get("edit", 0.0) + time.perf_counter() - started
     started = time.perf_counter()
-    decoded = backend.decode(result.latent[0], settings.decode_chunk).cpu()
+    with memory_hint("VAE decoding", settings.low_vram):
+        decoded = backend.decode(result.latent[0], settings.decode_chunk).cpu()
     timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - started
     report("decode", k, count, 1, 1)
     return result, decoded

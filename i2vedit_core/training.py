@@ -46,8 +46,19 @@ class TrainingSettings:
     seed: int = 0
 
     def __post_init__(self):
-        if self.steps < 1:
-            raise ValueError(f"training steps must be at least 1, got {self.steps}")
+        if not (isinstance(self.steps, int) and self.steps >= 1):
+            raise ValueError(f"training steps must be a positive integer (paper: 250; for no motion LoRA "
+                             f"pass training=None), got {self.steps!r}")
+        # NaN fails every comparison below, so it is refused with the same messages.
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be a finite value > 0 (paper: 5e-4), got {self.learning_rate}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"AdamW betas must be two values in [0, 1) (default (0.9, 0.999)), got {self.betas}")
+        if not self.weight_decay >= 0 or not self.cond_noise >= 0:
+            raise ValueError(f"weight_decay and cond_noise must be >= 0, got {self.weight_decay}, {self.cond_noise}")
+        if not self.max_pixels >= SIZE_MULTIPLE * SIZE_MULTIPLE:
+            raise ValueError(f"max_pixels must be at least {SIZE_MULTIPLE * SIZE_MULTIPLE} (one 64x64 frame), "
+                             f"got {self.max_pixels}")
         if self.sigma_distribution not in ("cosine_interpolated", "lognormal"):
             raise ValueError(f"sigma_distribution must be 'cosine_interpolated' or 'lognormal', "
                              f"got {self.sigma_distribution!r}")

@@ -36,9 +36,9 @@ def matching_inputs():
                                "spatial attention (less drift, less edit)."),
         io.Float.Input("threshold_last", default=0.35, min=0.0, max=1.0, step=0.01,
                        tooltip="Spatial matching threshold at the last frame of a clip (linear in between)."),
-        io.Float.Input("min_guidance", default=1.0, min=0.0, max=20.0, step=0.1,
+        io.Float.Input("min_guidance", default=1.0, min=1.0, max=20.0, step=0.1,
                        tooltip="CFG scale at the first frame of each clip (SVD: 1.0)."),
-        io.Float.Input("max_guidance", default=2.5, min=0.0, max=20.0, step=0.1,
+        io.Float.Input("max_guidance", default=2.5, min=1.0, max=20.0, step=0.1,
                        tooltip="CFG scale at the last frame of each clip (SVD: 2.5-3.0)."),
     ]
 

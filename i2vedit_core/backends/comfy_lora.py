@@ -19,7 +19,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..lora import SVD_TEMPORAL_SITES, TEMPORAL_LINEARS, LoraSpec, MotionLora, check_fits, motion_lora_from_pairs
+from ..lora import (SVD_TEMPORAL_SITES, TEMPORAL_LINEARS, LoraSpec, MotionLora, check_fits, check_rank_fits,
+                    motion_lora_from_pairs)
 
 TEMPORAL_BLOCK_SUFFIX = ".time_stack.0"
 
@@ -87,6 +88,7 @@ def attach(state: LoraState, linears: Dict[str, torch.nn.Module], spec: LoraSpec
     Built outside inference mode (ComfyUI runs nodes under torch.inference_mode()): inference
     tensors could not be trained.
     """
+    check_rank_fits(spec, targets(linears, spec))
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     state.clear()
     with torch.inference_mode(False), torch.no_grad():

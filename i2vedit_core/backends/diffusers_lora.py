@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..lora import LoraSpec, MotionLora, check_fits, motion_lora_from_pairs
+from ..lora import LoraSpec, MotionLora, check_fits, check_rank_fits, motion_lora_from_pairs
 from .sgm_unet_keys import diffusers_key_to_sgm
 
 ADAPTER = "i2vedit_motion"
@@ -48,6 +48,7 @@ def attach_lora(unet, spec: LoraSpec, generator: Optional[torch.Generator] = Non
     """
     from peft import LoraConfig, inject_adapter_in_model
     detach_lora(unet)
+    check_rank_fits(spec, module_shapes(unet, spec))
     config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, init_lora_weights=False,
                         target_modules=target_regex(spec))
     device = next(unet.parameters()).device
