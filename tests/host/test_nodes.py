@@ -79,7 +79,7 @@ def inversion(nodes, parts, clips):
 
 
 def test_every_node_has_a_description_and_tooltips(nodes):
-    assert len(nodes) == 9
+    assert len(nodes) == 10
     for node_id, cls in nodes.items():
         schema = cls.define_schema()
         assert schema.description and schema.display_name.startswith("I2VEdit"), node_id

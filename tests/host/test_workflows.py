@@ -52,10 +52,11 @@ def test_checker_catches_mistakes(definitions):
 def test_workflows_cover_the_pack(definitions):
     used = {n["type"] for p in WORKFLOWS for n in json.loads(p.read_text())["nodes"]}
     pack = {name for name in definitions if name.startswith("I2VEdit")}
-    assert pack - used == {"I2VEditInversionSampler"}
+    assert pack - used == {"I2VEditInversionSampler", "I2VEditMatchedSampler"}
 
 
 def test_pack_registers_every_node(definitions):
     assert {n for n in definitions if n.startswith("I2VEdit")} == {
         "I2VEditSourceClips", "I2VEditInvert", "I2VEditTrainMotionLora", "I2VEditSaveMotionLora",
-        "I2VEditLoadMotionLora", "I2VEditPropagate", "I2VEditEditVideo", "I2VEditInversionSampler", "I2VEditMetrics"}
+        "I2VEditLoadMotionLora", "I2VEditPropagate", "I2VEditEditVideo", "I2VEditInversionSampler",
+        "I2VEditMatchedSampler", "I2VEditMetrics"}
