@@ -20,6 +20,7 @@ from .backends.base import Conditioning, SVDBackend
 from .conditioning import with_latent_noise
 from .inversion import Inversion
 from .sampling import StepCallback, denoise
+from .schedule import nearest_sigma_index
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,7 @@ class EditResult:
     maps: DifferenceMaps
 
     def latent_at(self, sigma: float) -> torch.Tensor:
-        distance = (self.sigmas[:-1].log() - torch.tensor(float(sigma)).log()).abs()
-        return self.latents[int(distance.argmin())]
+        return self.latents[nearest_sigma_index(self.sigmas[:-1], sigma)]
 
     def kv_source(self, lora_scale: float = 0.0) -> KVSource:
         """This edit as the clip 0 of later clips: both CFG rows, as the official code keeps them."""

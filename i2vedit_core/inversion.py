@@ -12,7 +12,7 @@ from .conditioning import MicroConditioning, frame_conditioning
 from .frames import as_frame_batch
 from .sampling import StepCallback, invert
 from .sarp import SARP_ALPHA, SARP_THRESHOLD, perturb_smooth_areas
-from .schedule import inversion_sigmas
+from .schedule import inversion_sigmas, nearest_sigma_index
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,7 @@ class Inversion:
 
     def latent_at(self, sigma: float) -> torch.Tensor:
         """The stored latent whose sigma is nearest to `sigma` (in log space)."""
-        distance = (self.sigmas.log() - torch.tensor(float(sigma)).log()).abs()
-        return self.latents[int(distance.argmin())]
+        return self.latents[nearest_sigma_index(self.sigmas, sigma)]
 
     @property
     def noise(self) -> torch.Tensor:

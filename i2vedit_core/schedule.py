@@ -67,3 +67,8 @@ def euler_step(x: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_next
     """One Euler step of the probability-flow ODE from sigma to sigma_next (either direction)."""
     derivative = (x - denoised) / float(sigma)
     return x + (float(sigma_next) - float(sigma)) * derivative
+
+
+def nearest_sigma_index(sigmas: torch.Tensor, sigma: float) -> int:
+    """Index of the entry of `sigmas` (all > 0) nearest to `sigma` in log space."""
+    return int((sigmas.log() - math.log(float(sigma))).abs().argmin())

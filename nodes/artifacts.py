@@ -5,7 +5,7 @@ so these are frozen and their tensors live on the CPU (large GPU tensors would s
 as long as the executor caches them). Consumers move what they need to their device.
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import List, Tuple
 
 import torch
@@ -59,10 +59,3 @@ def check_same_clips(inverted: InvertedVideo, loras: MotionLoras) -> None:
     if len(loras.loras) != count:
         raise ValueError(f"the motion LoRA set has {len(loras.loras)} clip LoRAs but the video has {count} clips: "
                          "train (or load) the motion LoRA with the same I2VEdit Source Clips settings")
-
-
-def with_clip_settings(settings: PipelineSettings, clips: SourceClips) -> PipelineSettings:
-    """`settings` with the clip layout of `clips` (what prepare_video used)."""
-    s = clips.settings
-    return replace(settings, clip_length=s.clip_length, overlap=s.overlap, working_size=s.working_size, fit=s.fit,
-                   skip_interval=s.skip_interval)

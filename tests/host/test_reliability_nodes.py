@@ -11,31 +11,12 @@ import pytest
 import torch
 
 from pack import node_classes, node_module
+from test_nodes import clips, nodes, parts, source  # noqa: F401 (shared module fixtures)
 from test_nodes import (CLIP_WIDGETS, INVERT_WIDGETS, MATCH_WIDGETS, TRAIN_WIDGETS, assert_unchanged, edited, run,
                         snapshot, video)
 
 from i2vedit_core.attention.controller import AttentionController
 from i2vedit_core.pipeline import OutOfMemory
-
-
-@pytest.fixture(scope="module")
-def nodes():
-    return {cls.define_schema().node_id: cls for cls in node_classes()}
-
-
-@pytest.fixture(scope="module")
-def parts(comfy_parts):
-    return dict(model=comfy_parts["model"], clip_vision=comfy_parts["clip_vision"], vae=comfy_parts["vae"])
-
-
-@pytest.fixture(scope="module")
-def source():
-    return video()
-
-
-@pytest.fixture(scope="module")
-def clips(nodes, source):
-    return run(nodes["I2VEditSourceClips"], frames=source, **CLIP_WIDGETS)[0]
 
 
 def invert(nodes, parts, clips):
