@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="i2vedit_output", help="output folder (default ./i2vedit_output)")
     p.add_argument("--preset", choices=PRESETS, default="local", help="temporal attention preset")
     p.add_argument("--beta", type=float, nargs=2, metavar=("B1", "B2"), help="temporal stages (overrides preset)")
+    p.add_argument("--numerics", choices=("default", "official"), default="default",
+                   help="official: the official code's numerical choices (docs/FIDELITY.md)")
     p.add_argument("--thr", type=float, nargs=2, metavar=("FIRST", "LAST"), default=(0.35, 0.35),
                    help="spatial difference threshold at the first and last frame")
     p.add_argument("--guidance", type=float, nargs=2, metavar=("MIN", "MAX"), default=(1.0, 2.5))
@@ -65,18 +67,20 @@ def settings_from(args, tiny: bool = False):
     from .editing import EditSettings
     from .inversion import InversionSettings
     from .pipeline import PipelineSettings
+    from .presets import with_numerics
     from .training import TrainingSettings
 
     temporal = TemporalSelector(*args.beta) if args.beta else TemporalSelector.preset(args.preset)
     training = TrainingSettings(steps=args.train_steps, seed=args.seed) if args.train_steps > 0 else None
     if tiny and training is not None:
         training = dataclasses.replace(training, max_pixels=64 * 64)
-    return PipelineSettings(
+    settings = PipelineSettings(
         clip_length=args.frames_per_clip, overlap=args.overlap, working_size=(args.size[1], args.size[0]),
         fit=args.fit, inversion=InversionSettings(steps=args.steps, seed=args.seed), training=training,
         edit=EditSettings(matching=MatchSettings(thresholds=tuple(args.thr), temporal=temporal),
                           min_guidance=args.guidance[0], max_guidance=args.guidance[1], seed=args.seed),
         low_vram=args.low_vram)
+    return with_numerics(settings, getattr(args, "numerics", "default"))
 
 
 def run_edit(args) -> int:

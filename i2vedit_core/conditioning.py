@@ -35,6 +35,27 @@ def frame_conditioning(backend: SVDBackend, frame: torch.Tensor, num_frames: int
     return latent_conditioning(embeds, latent, num_frames, micro)
 
 
+def eight_bit(frames: torch.Tensor) -> torch.Tensor:
+    """The official code's round trip of its inversion conditioning frames through uint8 images:
+    truncation (not rounding) of (x + 1)/2·255, read back as u/255·2 − 1."""
+    quantized = ((frames.float() + 1) / 2 * 255).to(torch.uint8)
+    return quantized.float() / 255 * 2 - 1
+
+
+def official_inversion_conditioning(backend: SVDBackend, first: torch.Tensor, key: torch.Tensor, num_frames: int,
+                                    micro: MicroConditioning, generator: Optional[torch.Generator] = None
+                                    ) -> Conditioning:
+    """The official inversion conditioning from two SARP'd copies of frame 0 (3, H, W), both through
+    `eight_bit`: CLIP of `first`; conditioning latent of `key` at frame 0 and of `first` at frames
+    1.., one shared draw of pixel noise for both (OFFICIAL_CODE_NOTES §3)."""
+    first, key = eight_bit(first), eight_bit(key)
+    embeds = backend.image_embedding(first[None])
+    noise = micro.noise_aug_strength * _randn(first.shape, generator, first.device)
+    latents = backend.encode(torch.stack([first + noise, key + noise])) / backend.latent_scale
+    image_latents = torch.cat([latents[1:2, None], latents[0:1, None].expand(-1, num_frames - 1, -1, -1, -1)], dim=1)
+    return Conditioning(embeds[:, None].float(), image_latents.float(), micro.time_ids(first.device))
+
+
 def latent_conditioning(embeds: torch.Tensor, latent: torch.Tensor, num_frames: int,
                         micro: MicroConditioning = MicroConditioning()) -> Conditioning:
     """Conditioning from a CLIP embedding (1, D) and an unscaled latent (1, 4, h, w)."""

@@ -1,7 +1,8 @@
 """Matched denoising of one clip (ALGORITHM §5): the edit steered by recomputed source attention.
 
 Each of the `steps` Euler steps runs, in one controller step:
-  [clip-0 K/V forwards when skip-interval is on (ALGORITHM §6)]
+  [clip-0 K/V forwards when skip-interval is on (ALGORITHM §6): source clip 0 on the base model
+   for the source forward; edited clip 0 exactly as its own edit ran (`EditedClip0`) for the edit]
   a base-model forward (LoRA off) on the source inversion latent at the matching sigma with the
   source conditioning, capturing spatial q/k and temporal probabilities;
   the edit forward with CFG, batch [uncond, cond], consuming them on the cond rows only.
@@ -14,13 +15,14 @@ from typing import Optional
 
 import torch
 
-from .attention import AttentionController, DifferenceMaps, KVSource, MatchSettings, capture_clip0_kv
+from .attention import AttentionController, DifferenceMaps, MatchSettings
 from .attention.controller import CFG_ROWS
 from .backends.base import Conditioning, SVDBackend
 from .conditioning import with_latent_noise
 from .inversion import Inversion
 from .sampling import StepCallback, denoise
 from .schedule import nearest_sigma_index
+from .skip import KVSource
 
 
 @dataclass(frozen=True)
@@ -49,32 +51,59 @@ class EditSettings:
 class EditResult:
     """latent: (1, F, 4, h, w) final edit. sigmas: the descending sigmas (steps + 1). latents: (steps, 1, F,
     4, h, w), the latent entering each step. cond: the CFG conditioning used, rows [uncond, cond].
-    maps: difference maps M (`maps.per_layer()`, `maps.average()`: (1, F, h, w), mean over steps)."""
+    maps: difference maps M (`maps.per_layer()`, `maps.average()`: (1, F, h, w), mean over steps).
+    settings, lora_scale: what the edit ran with (a later clip recomputes its K/V with them)."""
     latent: torch.Tensor
     sigmas: torch.Tensor
     latents: torch.Tensor
     cond: Conditioning
     maps: DifferenceMaps
+    settings: EditSettings = EditSettings()
+    lora_scale: float = 0.0
 
     def latent_at(self, sigma: float) -> torch.Tensor:
         return self.latents[nearest_sigma_index(self.sigmas[:-1], sigma)]
 
-    def kv_source(self, lora_scale: float = 0.0) -> KVSource:
-        """This edit as the clip 0 of later clips: both CFG rows, as the official code keeps them."""
-        return KVSource(self.latent_at, self.cond, CFG_ROWS, lora_scale)
+
+@dataclass(frozen=True)
+class EditedClip0:
+    """Edited clip 0 as the K/V source of a later clip's edit, as the official code made those K/V: the
+    forward of clip 0's own edit at the same step (its latent entering that step, both CFG rows, its
+    LoRA at its scale from the backend's "clip0" slot, its attention matched against source clip 0)
+    recomputed, never stored. Costs one source forward (batch 1) and one edit forward (batch 2) a step.
+    """
+    inversion: Inversion     # of source clip 0
+    edit: EditResult         # clip 0's edit
+    lora_slot: str = "clip0"
+
+    def capture(self, backend: SVDBackend, controller: AttentionController, sigma: float, step: int) -> None:
+        settings, steps = self.edit.settings, len(self.edit.latents)
+        if abs(float(self.edit.sigmas[step]) - sigma) > 1e-6 * max(sigma, 1.0):
+            raise ValueError(f"clip 0 was edited with other sigmas ({float(self.edit.sigmas[step])} at step {step}, "
+                             f"this clip {sigma}): edit every clip with the same steps")
+        own = AttentionController(settings.matching, steps)
+        own.begin_step(step)
+        try:
+            _source_forward(backend, own, self.inversion, steps - step - settings.source_step_offset, None)
+            x = self.edit.latents[step]
+            with torch.no_grad():
+                backend.denoise(torch.cat([x, x]), sigma, self.edit.cond, attention=own.edit_pass(CFG_ROWS, controller),
+                                lora_scale=self.edit.lora_scale, lora_slot=self.lora_slot)
+        finally:
+            own.end()
 
 
 @dataclass(frozen=True)
 class Clip0:
     """Skip-interval inputs of a clip >= 1: K/V sources of source clip 0 and of edited clip 0."""
     source: KVSource
-    edit: KVSource
+    edit: EditedClip0
 
     @staticmethod
-    def of(inversion: Inversion, edit: EditResult, lora_scale: float = 0.0) -> "Clip0":
-        """lora_scale: of the edited clip-0 recompute; this backend holds one clip's LoRA at a time,
-        so 0 (base model) stands in for clip 0's own LoRA."""
-        return Clip0(KVSource.from_inversion(inversion), edit.kv_source(lora_scale))
+    def of(inversion: Inversion, edit: EditResult) -> "Clip0":
+        """inversion, edit: of clip 0. If clip 0 was edited with a LoRA, the backend must hold it in its
+        "clip0" slot (`backend.load_lora(lora_of_clip_0, slot="clip0")`) while later clips are edited."""
+        return Clip0(KVSource.from_inversion(inversion), EditedClip0(inversion, edit))
 
 
 def edit_clip(backend: SVDBackend, inversion: Inversion, edit_cond: Conditioning,
@@ -111,7 +140,7 @@ def edit_clip(backend: SVDBackend, inversion: Inversion, edit_cond: Conditioning
         controller.begin_step(step)
         _source_forward(backend, controller, inversion, steps - step - settings.source_step_offset, clip0)
         if clip0 is not None:
-            capture_clip0_kv(backend, controller, clip0.edit, sigma)
+            clip0.edit.capture(backend, controller, sigma, step)
         denoised = backend.denoise(torch.cat([x, x]), sigma, cfg_cond, attention=controller.edit_pass(CFG_ROWS),
                                    lora_scale=lora_scale)
         controller.release()
@@ -130,7 +159,7 @@ def edit_clip(backend: SVDBackend, inversion: Inversion, edit_cond: Conditioning
         controller.end()
     if keep is not None:
         latent = keep * latent + (1 - keep) * inversion.latents[0]
-    return EditResult(latent, sigmas, torch.stack(trajectory), cfg_cond, controller.maps)
+    return EditResult(latent, sigmas, torch.stack(trajectory), cfg_cond, controller.maps, settings, lora_scale)
 
 
 def _source_forward(backend, controller: AttentionController, inversion: Inversion, index: int,
@@ -141,7 +170,7 @@ def _source_forward(backend, controller: AttentionController, inversion: Inversi
         return
     sigma = float(inversion.sigmas[index])
     if clip0 is not None:
-        capture_clip0_kv(backend, controller, clip0.source, sigma)
+        clip0.source.capture(backend, controller, sigma)
     with torch.no_grad():
         backend.denoise(inversion.latents[index], sigma, inversion.cond, attention=controller.source_pass(),
                         lora_scale=0.0)

@@ -6,9 +6,9 @@ from typing import List, Optional
 
 import torch
 
-from .attention.skip import KVSource, SkipInterval
+from .skip import KVSource, SkipInterval
 from .backends.base import Conditioning, SVDBackend
-from .conditioning import MicroConditioning, frame_conditioning
+from .conditioning import MicroConditioning, frame_conditioning, official_inversion_conditioning
 from .frames import as_frame_batch
 from .sampling import StepCallback, invert
 from .sarp import SARP_ALPHA, SARP_THRESHOLD, perturb_smooth_areas
@@ -23,6 +23,9 @@ class InversionSettings:
     # The official code conditions inversion on fps id 8 (it skips SVD's fps - 1).
     micro: MicroConditioning = field(default_factory=lambda: MicroConditioning(fps_id=8))
     seed: int = 0
+    # The official code's choices (docs/FIDELITY.md says why the defaults differ):
+    cond_8bit: bool = False   # conditioning from two SARP'd copies of frame 0 after a uint8 round trip
+    vae_sample: bool = False  # start latent drawn from the VAE posterior (seeded) instead of its mode
 
     def __post_init__(self):
         # Checked here, not deep in the sampler: 0 steps would give an empty schedule and a confusing crash.
@@ -65,12 +68,18 @@ def invert_clip(backend: SVDBackend, frames: torch.Tensor, settings: InversionSe
     """
     frames = as_frame_batch(frames, "source clip", min_frames=2).to(backend.device)
     generator = torch.Generator(device=backend.device).manual_seed(settings.seed)
-    # One SARP draw covers the clip and its conditioning copy of frame 0, as in the official code.
-    perturbed = perturb_smooth_areas(torch.cat([frames[:1], frames]), settings.sarp_alpha, settings.sarp_threshold,
-                                     generator)
-    cond_frame, clip = perturbed[0], perturbed[1:]
-    cond = frame_conditioning(backend, cond_frame, len(clip), settings.micro, generator)
-    x0 = backend.encode(clip)[None]
+    # One SARP draw covers the clip and its conditioning copies of frame 0, as in the official code;
+    # draws in its order: SARP, VAE posterior, conditioning noise.
+    copies = 2 if settings.cond_8bit else 1
+    perturbed = perturb_smooth_areas(torch.cat([frames[:1]] * copies + [frames]), settings.sarp_alpha,
+                                     settings.sarp_threshold, generator)
+    clip = perturbed[copies:]
+    x0 = (backend.encode(clip, generator=generator) if settings.vae_sample else backend.encode(clip))[None]
+    if settings.cond_8bit:
+        cond = official_inversion_conditioning(backend, perturbed[0], perturbed[1], len(clip), settings.micro,
+                                               generator)
+    else:
+        cond = frame_conditioning(backend, perturbed[0], len(clip), settings.micro, generator)
     sigmas = inversion_sigmas(settings.steps)
     if clip0 is None:
         # lora_scale=0: inversion is of the base model, even while a clip's motion LoRA is attached

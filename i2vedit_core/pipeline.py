@@ -195,6 +195,8 @@ def propagate(backend, video: PreparedVideo, inversions: List[Inversion], loras:
         for k, inversion in enumerate(inversions):
             if loras is not None:
                 backend.load_lora(loras[k])
+                if video.skip_interval and k > 0:  # edited clip 0's K/V are recomputed with its own LoRA
+                    backend.load_lora(loras[0], slot="clip0")
             for e in range(len(edits)):
                 result, decoded = _edit_one_clip(backend, video, k, inversions, edits[e], results[e], frames[e],
                                                  settings, loras is not None, report, timings, mask)

@@ -179,7 +179,7 @@ def _skip_interval_denoiser(backend, clip0):
         raise ValueError(f"clip0 must be the Inversion of source clip 0 (inversion.invert_clip), got "
                          f"{type(clip0).__name__}")
     try:
-        from .attention.skip import KVSource, SkipInterval
+        from .skip import KVSource, SkipInterval
     except ImportError:
         raise NotImplementedError("skip-interval training needs the attention controller") from None
     return SkipInterval(backend, KVSource.from_inversion(clip0)).denoise

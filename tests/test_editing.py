@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from i2vedit_core.attention import AttentionController, MatchSettings, SkipInterval, KVSource, TemporalSelector
+from i2vedit_core.attention import AttentionController, MatchSettings, TemporalSelector
 from i2vedit_core.conditioning import MicroConditioning, frame_conditioning
 from i2vedit_core.editing import Clip0, EditSettings, edit_clip
 from i2vedit_core.inversion import InversionSettings, invert_clip
 from i2vedit_core.sampling import denoise
+from i2vedit_core.skip import KVSource, SkipInterval
 from i2vedit_core.tiny import synthetic_clip
 
 STEPS = 5

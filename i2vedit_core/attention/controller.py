@@ -5,7 +5,9 @@ and use the returned attention output. A controller makes *passes*, one per mode
 
   source_pass()        base-model forward on the source latent: keeps spatial q/k and the temporal
                        probabilities the selector will need (capture);
-  edit_pass(rows)      the edit forward: conditional rows matched against what the source pass kept;
+  edit_pass(rows)      the edit forward: conditional rows matched against what the source pass kept
+                       (kv_into=other: also keeps its temporal K/V in `other`'s buffer, the way an
+                       edited clip 0 feeds the skip-interval of a later clip);
   kv_pass(rows)        clip-0 forward: keeps temporal K/V per row role for skip-interval;
   plain_pass(rows)     fused attention only (plus skip-interval K/V when enabled).
 
@@ -15,7 +17,7 @@ kept by the kv_pass of the same step. Everything kept lives in a per-step buffer
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, Set, Tuple
+from typing import Dict, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +39,7 @@ class MatchSettings:
     match_temporal: bool = True
     chunk_budget: int = DEFAULT_BUDGET  # elements per intermediate of the CPU row distance
     use_triton: bool = True             # on CUDA, when triton is installed
+    official_ramp: bool = False         # threshold ramp by f/F (official) instead of reaching thr1 at the last frame
 
     def __post_init__(self):
         check_thresholds(self.thresholds)
@@ -66,6 +69,7 @@ class AttentionPass:
     capture_kv: bool = False
     concat_kv: bool = False
     match: bool = False
+    kv_into: Optional["AttentionController"] = None  # where capture_kv keeps K/V (None: this controller)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: AttentionSite) -> torch.Tensor:
         return self.controller.attend(q, k, v, site, self)
@@ -96,8 +100,10 @@ class AttentionController:
     def source_pass(self) -> AttentionPass:
         return AttentionPass(self, ("source",), capture_source=True, concat_kv=self.skip_interval)
 
-    def edit_pass(self, rows: Tuple[str, ...] = CFG_ROWS) -> AttentionPass:
-        return AttentionPass(self, tuple(rows), match=True, concat_kv=self.skip_interval)
+    def edit_pass(self, rows: Tuple[str, ...] = CFG_ROWS,
+                  kv_into: Optional["AttentionController"] = None) -> AttentionPass:
+        return AttentionPass(self, tuple(rows), match=True, concat_kv=self.skip_interval,
+                             capture_kv=kv_into is not None, kv_into=kv_into)
 
     def kv_pass(self, rows: Tuple[str, ...] = ("source",)) -> AttentionPass:
         return AttentionPass(self, tuple(rows), capture_kv=True)
@@ -119,7 +125,7 @@ class AttentionController:
         if not (p.match and self.settings.match_spatial and "cond" in rows):
             return F.scaled_dot_product_attention(q, k, v)
         q_src, k_src = self._kept(self.buffer.spatial, site, "spatial q/k")
-        thresholds = threshold_ramp(self.settings.thresholds, site.layout.frames, q.device)
+        thresholds = threshold_ramp(self.settings.thresholds, site.layout.frames, q.device, self.settings.official_ramp)
         outs, masks = [], []
         for index, role in enumerate(rows):
             rs = site.video_rows(index)
@@ -137,7 +143,7 @@ class AttentionController:
     def _temporal(self, q, k, v, site, p) -> torch.Tensor:
         if p.capture_kv:
             # One video per role: clip 0 has a single source (or a single edit under CFG).
-            self.buffer.clip0_kv[site.path] = {role: tuple(t[0] for t in _rows_of(site, role, k.detach(), v.detach()))
+            (p.kv_into or self).buffer.clip0_kv[site.path] = {role: tuple(t[0] for t in _rows_of(site, role, k.detach(), v.detach()))
                                                for role in set(site.layout.rows)}
         if p.concat_kv:
             k, v = self._with_clip0_kv(k, v, site)

@@ -22,12 +22,15 @@ def check_thresholds(thresholds: Sequence[float]) -> Tuple[float, float]:
     return float(thresholds[0]), float(thresholds[1])
 
 
-def threshold_ramp(thresholds: Sequence[float], frames: int, device=None) -> torch.Tensor:
+def threshold_ramp(thresholds: Sequence[float], frames: int, device=None, official: bool = False) -> torch.Tensor:
     """thr(f) linear from thresholds[0] (frame 0) to thresholds[1] (last frame), shape (F,).
 
-    The official code ramps by f/F and so never reaches thr1; with its equal defaults both agree.
+    official: thr0 + (thr1 - thr0)·f/F as the official code ramps, never reaching thr1 (with its
+    equal defaults both agree).
     """
     first, last = check_thresholds(thresholds)
+    if official:
+        return first + (last - first) * torch.arange(frames, dtype=torch.float32, device=device) / frames
     return torch.linspace(first, last, frames, dtype=torch.float32, device=device)
 
 

@@ -46,8 +46,9 @@ class SVDBackend(Protocol):
     device: torch.device
     latent_scale: float  # VAE scaling factor (0.18215 for SVD)
 
-    def encode(self, frames: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
-        """VAE mode of each frame, scaled: (N, 4, H/8, W/8) float32."""
+    def encode(self, frames: torch.Tensor, chunk_size: int = 8, generator=None) -> torch.Tensor:
+        """VAE mode of each frame, scaled: (N, 4, H/8, W/8) float32. generator: a draw from the posterior
+        instead (mean + std·ε, ε one draw of the whole batch; the official inversion's `.sample()`)."""
 
     def decode(self, latents: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
         """Frames (N, 3, H, W) float32 in [-1, 1] from scaled latents (N, 4, h, w) of one clip."""
@@ -56,19 +57,21 @@ class SVDBackend(Protocol):
         """CLIP image embedding (N, D) float32 of each frame."""
 
     def denoise(self, x: torch.Tensor, sigma: float, cond: Conditioning, attention=None,
-                lora_scale: float = 1.0) -> torch.Tensor:
+                lora_scale: float = 1.0, lora_slot: str = "clip") -> torch.Tensor:
         """D(x, sigma | cond) for x (B, F, 4, h, w) float32; returns float32 of the same shape.
 
         attention: an attention controller (i2vedit_core.attention) that every spatial and temporal
         self-attention call of this evaluation goes through; None = plain attention.
         lora_scale: scale of the motion LoRA if one is attached (0 = base model); ignored without one.
+        lora_slot: "clip" (the attached LoRA) or "clip0" (clip 0's, loaded beside it: exact skip-interval).
         Differentiable: training calls it under autograd; sampling loops wrap it in no_grad.
         """
 
 
 @runtime_checkable
 class LoraBackend(Protocol):
-    """An SVDBackend that can carry the motion LoRA (`i2vedit_core.lora`): at most one adapter at a time.
+    """An SVDBackend that can carry the motion LoRA (`i2vedit_core.lora`): one trainable adapter, plus
+    clip 0's weights beside it for exact skip-interval.
 
     `denoise(..., lora_scale=s)` runs it at absolute scale s for that call (0 = base model).
     """
@@ -85,8 +88,10 @@ class LoraBackend(Protocol):
     def export_lora(self, metadata: Optional[Dict[str, str]] = None):
         """The attached adapter as a `MotionLora` (ComfyUI keys, fp32, CPU)."""
 
-    def load_lora(self, lora) -> None:
-        """Load a `MotionLora` without reloading the model; ValueError naming its file if it does not fit."""
+    def load_lora(self, lora, slot: str = "clip") -> None:
+        """Load a `MotionLora` without reloading the model; ValueError naming its file if it does not fit.
+        slot "clip0": a second, inference-only weight set beside the attached one (clip 0's LoRA), run by
+        `denoise(..., lora_slot="clip0")`; detach_lora removes both."""
 
     def lora_training(self, gradient_checkpointing: bool = False) -> ContextManager:
         """Context for training: adapter dropout active, optional gradient checkpointing; restored after."""

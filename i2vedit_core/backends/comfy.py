@@ -64,7 +64,10 @@ class ComfyBackend:
     # --- VAE ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode(self, frames: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
+    def encode(self, frames: torch.Tensor, chunk_size: int = 8, generator=None) -> torch.Tensor:
+        if generator is not None:  # ComfyUI's VAE.encode returns the posterior mode only
+            raise ValueError("VAE posterior sampling (the official numerics' vae_sample) is not available on "
+                             "ComfyUI's VAE: use the default numerics (VAE mode) in ComfyUI")
         # ComfyUI IMAGE layout (N, H, W, 3) in [0, 1]; VAE.encode maps it back to [-1, 1] itself.
         pixels = ((frames.float() + 1) / 2).movedim(1, -1)
         raw = torch.cat([self.vae.encode(chunk) for chunk in pixels.split(chunk_size)])
@@ -100,7 +103,7 @@ class ComfyBackend:
     # --- denoiser ----------------------------------------------------------------------------
 
     def denoise(self, x: torch.Tensor, sigma: float, cond: Conditioning, attention=None,
-                lora_scale: float = 1.0) -> torch.Tensor:
+                lora_scale: float = 1.0, lora_slot: str = "clip") -> torch.Tensor:
         """D(x, sigma | cond) through ComfyUI's own `apply_model` (v-prediction EDM preconditioning).
 
         attention: an AttentionPass; its `rows` name the role of each video (cond_or_uncond is set to
@@ -125,11 +128,12 @@ class ComfyBackend:
         inputs["transformer_options"] = options = denoise_transformer_options(self.patcher, chunks, sigmas)
         if attention is not None:
             options[CONTROLLER_KEY] = attention
-        previous, self.lora.scale = self.lora.scale, float(lora_scale)
+        previous = self.lora.scale, self.lora.slot
+        self.lora.scale, self.lora.slot = float(lora_scale), lora_slot
         try:
             out = call_apply_model(self.patcher, flat, sigmas, inputs, chunks)
         finally:
-            self.lora.scale = previous
+            self.lora.scale, self.lora.slot = previous
         return out.float().view_as(x)
 
     def _unet_inputs(self, x: torch.Tensor, cond: Conditioning):
@@ -163,8 +167,8 @@ class ComfyBackend:
     def export_lora(self, metadata=None):
         return comfy_lora.export(self.lora, metadata)
 
-    def load_lora(self, lora) -> None:
-        comfy_lora.load(self.lora, self.linears, lora, self.device)
+    def load_lora(self, lora, slot: str = "clip") -> None:
+        comfy_lora.load(self.lora, self.linears, lora, self.device, slot)
 
     def lora_training(self, gradient_checkpointing: bool = False):
         """Inference mode off (ComfyUI runs nodes inside it), LoRA dropout on, optional checkpointing."""

@@ -26,17 +26,28 @@ TEMPORAL_BLOCK_SUFFIX = ".time_stack.0"
 
 
 class LoraState:
-    """The one adapter of a backend: {SGM Linear path: fp32 Parameter}, its spec, scale and dropout switch."""
+    """The adapter of a backend: {SGM Linear path: fp32 Parameter}, its spec, scale and dropout switch.
+
+    clip0: a second weight set {path: (down, up)} beside it (clip 0's LoRA, inference only), run
+    instead of the adapter while `slot` is "clip0" (exact skip-interval, editing.py).
+    """
 
     def __init__(self):
         self.spec: Optional[LoraSpec] = None
         self.down: Dict[str, torch.nn.Parameter] = {}
         self.up: Dict[str, torch.nn.Parameter] = {}
+        self.clip0: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self.slot = "clip"
         self.scale = 1.0
         self.dropout_active = False
 
     def clear(self) -> None:
-        self.spec, self.down, self.up = None, {}, {}
+        self.spec, self.down, self.up, self.clip0 = None, {}, {}, {}
+
+    def pair(self, path: str):
+        if self.slot == "clip0":
+            return self.clip0.get(path, (None, None))
+        return self.down.get(path), self.up.get(path)
 
     def parameters(self) -> List[torch.nn.Parameter]:
         return [p for path in self.down for p in (self.down[path], self.up[path])]
@@ -51,10 +62,10 @@ class LoraForward:
     def __call__(self, x, *args, **kwargs):
         out = type(self.module).forward(self.module, x, *args, **kwargs)
         state = self.state
-        down = state.down.get(self.path)
+        down, up = state.pair(self.path)
         if down is None or state.scale == 0:
             return out
-        delta = F.linear(F.linear(x.to(down.dtype), down), state.up[self.path])
+        delta = F.linear(F.linear(x.to(down.dtype), down), up)
         if state.dropout_active and state.spec.dropout > 0:
             delta = F.dropout(delta, state.spec.dropout, training=True)
         return out + (delta * state.scale).to(out.dtype)
@@ -105,9 +116,20 @@ def export(state: LoraState, metadata: Optional[Dict[str, str]] = None) -> Motio
     return motion_lora_from_pairs(pairs, state.spec, metadata)
 
 
-def load(state: LoraState, linears: Dict[str, torch.nn.Module], lora: MotionLora, device: torch.device) -> None:
-    """Copy `lora` into the adapter, attaching one of its shape first if the attached one differs."""
+def load(state: LoraState, linears: Dict[str, torch.nn.Module], lora: MotionLora, device: torch.device,
+         slot: str = "clip") -> None:
+    """Copy `lora` into the adapter, attaching one of its shape first if the attached one differs.
+
+    slot "clip0": into the second, inference-only weight set instead (`LoraState.clip0`).
+    """
+    if slot not in ("clip", "clip0"):
+        raise ValueError(f"unknown LoRA slot {slot!r}: use 'clip' or 'clip0'")
     check_fits(lora, targets(linears, lora.spec))
+    if slot == "clip0":
+        with torch.inference_mode(False):
+            state.clip0 = {path: tuple(t.to(device, torch.float32) for t in lora.pair(path))
+                           for path in targets(linears, lora.spec)}
+        return
     current = state.spec
     if current is None or not current.same_shape(lora.spec) or current.dropout != lora.spec.dropout:
         attach(state, linears, lora.spec, device)

@@ -32,11 +32,17 @@ class DiffusersBackend:
             module.eval().requires_grad_(False)
 
     @torch.no_grad()
-    def encode(self, frames: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
+    def encode(self, frames: torch.Tensor, chunk_size: int = 8, generator=None) -> torch.Tensor:
         vae_dtype = self.vae.dtype
-        latents = [self.vae.encode(chunk.to(self.device, vae_dtype)).latent_dist.mode()
-                   for chunk in frames.split(chunk_size)]
-        return torch.cat(latents).float() * self.latent_scale
+        posteriors = [self.vae.encode(chunk.to(self.device, vae_dtype)).latent_dist
+                      for chunk in frames.split(chunk_size)]
+        mode = torch.cat([p.mode() for p in posteriors])
+        if generator is None:
+            return mode.float() * self.latent_scale
+        # One draw for all frames, as a single `.sample(generator)` of the whole batch would make.
+        std = torch.cat([p.std for p in posteriors])
+        noise = torch.randn(mode.shape, generator=generator, device=generator.device, dtype=mode.dtype)
+        return (mode + std * noise.to(mode.device)).float() * self.latent_scale
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
@@ -60,14 +66,14 @@ class DiffusersBackend:
         return self.image_encoder(pixels).image_embeds.float()
 
     def denoise(self, x: torch.Tensor, sigma: float, cond: Conditioning, attention=None,
-                lora_scale: float = 1.0) -> torch.Tensor:
+                lora_scale: float = 1.0, lora_slot: str = "clip") -> torch.Tensor:
         if cond.batch_size != x.shape[0]:
             raise ValueError(f"conditioning batch {cond.batch_size} does not match latent batch {x.shape[0]}")
         pre = edm_v_preconditioning(sigma)
         x = x.to(self.device, torch.float32)
         model_in = torch.cat([x * pre.c_in, cond.image_latents.to(x)], dim=2)
         timestep = torch.tensor(pre.c_noise, dtype=torch.float32, device=self.device)
-        with use_attention(self.unet, attention), use_lora_scale(self.unet, lora_scale):
+        with use_attention(self.unet, attention), use_lora_scale(self.unet, lora_scale, lora_slot):
             v = self.unet(model_in.to(self.device, self.dtype), timestep,
                           encoder_hidden_states=cond.image_embeds.to(self.device, self.dtype),
                           added_time_ids=cond.time_ids.to(self.device, self.dtype), return_dict=False)[0]
@@ -101,8 +107,8 @@ class DiffusersBackend:
     def export_lora(self, metadata=None):
         return diffusers_lora.export_lora(self.unet, metadata)
 
-    def load_lora(self, lora):
-        diffusers_lora.load_lora(self.unet, lora)
+    def load_lora(self, lora, slot: str = "clip"):
+        diffusers_lora.load_lora(self.unet, lora, slot)
 
     def lora_training(self, gradient_checkpointing: bool = False):
         return diffusers_lora.lora_training(self.unet, gradient_checkpointing)

@@ -5,6 +5,9 @@ Linears in place (DIFFUSERS_NOTES 5.1). One adapter at a time; switching LoRAs c
 the existing wrappers instead of reloading the model. Names cross the boundary as SGM paths
 (`lora.py`'s file format) through `sgm_unet_keys.diffusers_key_to_sgm`.
 
+Clip 0's LoRA can sit beside the clip's own as a second peft adapter (slot "clip0", inference only),
+chosen per `denoise` call: exact skip-interval K/V of edited clip 0 (editing.py).
+
 Dropout acts on the branch output, `dropout(up(down(x)))`, as the official LoRA does: peft's own
 input dropout is replaced by an identity and the up-projection is an `OutputDropoutLinear`.
 """
@@ -19,6 +22,7 @@ from ..lora import LoraSpec, MotionLora, check_fits, check_rank_fits, motion_lor
 from .sgm_unet_keys import diffusers_key_to_sgm
 
 ADAPTER = "i2vedit_motion"
+SLOTS = {"clip": ADAPTER, "clip0": "i2vedit_clip0"}  # LoRA slot -> peft adapter name
 
 
 def target_regex(spec: LoraSpec) -> str:
@@ -27,9 +31,15 @@ def target_regex(spec: LoraSpec) -> str:
     return rf".*\.temporal_transformer_blocks\.\d+\.({linears})"
 
 
-def lora_layers(unet) -> Dict[str, torch.nn.Module]:
-    """The peft-wrapped Linears carrying our adapter, by diffusers module name."""
-    return {name: m for name, m in unet.named_modules() if ADAPTER in getattr(m, "lora_A", {})}
+def lora_layers(unet, adapter: str = ADAPTER) -> Dict[str, torch.nn.Module]:
+    """The peft-wrapped Linears carrying `adapter`, by diffusers module name."""
+    return {name: m for name, m in unet.named_modules() if adapter in getattr(m, "lora_A", {})}
+
+
+def adapter_of(slot: str) -> str:
+    if slot not in SLOTS:
+        raise ValueError(f"unknown LoRA slot {slot!r}: use one of {sorted(SLOTS)}")
+    return SLOTS[slot]
 
 
 class OutputDropoutLinear(torch.nn.Linear):
@@ -82,13 +92,15 @@ def attach_lora(unet, spec: LoraSpec, generator: Optional[torch.Generator] = Non
 
 
 def detach_lora(unet) -> None:
-    """Put the plain Linears back; the base weights were never touched."""
-    for name, layer in lora_layers(unet).items():
+    """Put the plain Linears back (both slots); the base weights were never touched."""
+    layers = {**lora_layers(unet, SLOTS["clip0"]), **lora_layers(unet)}
+    for name, layer in layers.items():
         parent_name, _, child = name.rpartition(".")
         setattr(unet.get_submodule(parent_name), child, layer.get_base_layer())
     config = getattr(unet, "peft_config", None)
     if isinstance(config, dict):
-        config.pop(ADAPTER, None)
+        for adapter in SLOTS.values():
+            config.pop(adapter, None)
         if not config:
             del unet.peft_config  # peft warns about "multiple adapters" if an empty one is left behind
 
@@ -107,9 +119,14 @@ def export_lora(unet, metadata: Optional[Dict[str, str]] = None) -> MotionLora:
     return motion_lora_from_pairs(pairs, spec, metadata)
 
 
-def load_lora(unet, lora: MotionLora) -> None:
-    """Put `lora`'s weights into the UNet, attaching an adapter of its shape if the attached one differs."""
+def load_lora(unet, lora: MotionLora, slot: str = "clip") -> None:
+    """Put `lora`'s weights into the UNet, attaching an adapter of its shape if the attached one differs.
+
+    slot "clip0": a second, inference-only adapter beside the clip's own (denoise(..., lora_slot="clip0")).
+    """
     check_fits(lora, module_shapes(unet, lora.spec))
+    if adapter_of(slot) != ADAPTER:
+        return _load_second(unet, lora, adapter_of(slot))
     current = attached_spec(unet)
     if current is None or not current.same_shape(lora.spec) or current.dropout != lora.spec.dropout:
         attach_lora(unet, lora.spec)
@@ -118,6 +135,44 @@ def load_lora(unet, lora: MotionLora) -> None:
             down, up = lora.pair(_sgm_path(unet, name))
             layer.lora_A[ADAPTER].weight.copy_(down)
             layer.lora_B[ADAPTER].weight.copy_(up)
+
+
+def _load_second(unet, lora: MotionLora, adapter: str) -> None:
+    """An extra adapter of `lora`'s shape (no dropout, never trained), weights copied in."""
+    from peft import LoraConfig, inject_adapter_in_model
+    layers = lora_layers(unet, adapter)
+    first = next(iter(layers.values()), None)
+    if first is None or first.r[adapter] != lora.spec.rank or len(layers) != len(module_shapes(unet, lora.spec)):
+        _remove_adapter(unet, adapter)
+        config = LoraConfig(r=lora.spec.rank, lora_alpha=lora.spec.alpha, lora_dropout=0.0,
+                            init_lora_weights=False, target_modules=target_regex(lora.spec))
+        device = next(unet.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            inject_adapter_in_model(config, unet, adapter_name=adapter)
+        _set_active(unet, ADAPTER)
+    with torch.no_grad():
+        for name, layer in lora_layers(unet, adapter).items():
+            down, up = lora.pair(_sgm_path(unet, name))
+            for module, weight in ((layer.lora_A[adapter], down), (layer.lora_B[adapter], up)):
+                module.float().requires_grad_(False)
+                module.weight.copy_(weight)
+
+
+def _remove_adapter(unet, adapter: str) -> None:
+    for layer in lora_layers(unet, adapter).values():
+        for container in (layer.lora_A, layer.lora_B, layer.lora_dropout):
+            container.pop(adapter, None)
+        layer.r.pop(adapter, None), layer.scaling.pop(adapter, None), layer.lora_alpha.pop(adapter, None)
+    config = getattr(unet, "peft_config", None)
+    if isinstance(config, dict):
+        config.pop(adapter, None)
+
+
+def _set_active(unet, adapter: str) -> None:
+    """Make `adapter` the one every wrapped Linear runs (peft skips layers without it: base output)."""
+    for module in unet.modules():
+        if hasattr(module, "lora_A") and hasattr(module, "_active_adapter"):
+            module._active_adapter = adapter
 
 
 def module_shapes(unet, spec: LoraSpec) -> Dict[str, Tuple[int, int]]:
@@ -138,29 +193,37 @@ def set_lora_enabled(unet, enabled: bool) -> None:
 
 
 @contextmanager
-def use_lora_scale(unet, scale: float):
-    """Run with the adapter at absolute `scale` (1 = as trained), restoring the previous state after.
+def use_lora_scale(unet, scale: float, slot: str = "clip"):
+    """Run with the adapter of `slot` at absolute `scale` (1 = as trained), restoring the previous state after.
 
     An adapter switched off with `set_lora_enabled` stays off at any scale. Scale 0 switches the adapter off instead of multiplying by 0: the exact base model (the source
     branch), without the cost of the LoRA matmuls. No adapter attached: the base model, any scale.
     """
-    layers = list(lora_layers(unet).values())
-    scalings = [layer.scaling[ADAPTER] for layer in layers]
+    adapter = adapter_of(slot)
+    layers = list(lora_layers(unet, adapter).values())
+    if adapter != ADAPTER and not layers and scale != 0:
+        raise ValueError("no clip-0 LoRA is loaded: load_lora(lora_of_clip_0, slot='clip0') first")
+    scalings = [layer.scaling[adapter] for layer in layers]
     enabled = [not layer.disable_adapters for layer in layers]
+    if adapter != ADAPTER:
+        _set_active(unet, adapter)
     try:
         if scale == 0:
             _set_enabled(layers, [False] * len(layers))
         for layer in layers:
-            layer.set_scale(ADAPTER, float(scale))
+            layer.set_scale(adapter, float(scale))
         yield
     finally:
         for layer, scaling in zip(layers, scalings):
-            layer.scaling[ADAPTER] = scaling
+            layer.scaling[adapter] = scaling
         _set_enabled(layers, enabled)
+        if adapter != ADAPTER:
+            _set_active(unet, ADAPTER)
 
 
 def _set_enabled(layers, states) -> None:
-    grads = [(p, p.requires_grad) for layer in layers for p in _adapter_params(layer)]
+    grads = [(m.weight, m.weight.requires_grad) for layer in layers
+             for modules in (layer.lora_A, layer.lora_B) for m in modules.values()]
     for layer, on in zip(layers, states):
         if on == layer.disable_adapters:
             layer.enable_adapters(on)  # peft also flips requires_grad here; restored below

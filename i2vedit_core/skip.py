@@ -1,8 +1,10 @@
 """Skip-interval cross-attention (ALGORITHM §6): clip-0 temporal K/V recomputed, never stored.
 
 For a clip k >= 1, every temporal attn1 attends over [clip-0 frames ; own frames]. The clip-0 K/V
-of a step come from one extra forward on a stored clip-0 latent (a `KVSource`) with a kv_pass;
-the forward that needs them runs right after, in the same controller step.
+of a step come from extra forwards on stored clip-0 latents (a K/V source: `KVSource` here for
+source clip 0, `editing.EditedClip0` for the edited clip 0); the forward that needs them runs right
+after, in the same controller step. It sits above the backend seam (it drives model forwards),
+next to inversion and editing; attention/ holds the host-free maths.
 
 Training / inversion of clip k (base-model K/V of the *source* clip 0 at the nearest sigma):
 
@@ -17,8 +19,8 @@ from typing import Callable, Tuple
 
 import torch
 
-from ..backends.base import Conditioning, SVDBackend
-from .controller import AttentionController, MatchSettings
+from .attention.controller import AttentionController, MatchSettings
+from .backends.base import Conditioning, SVDBackend
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,9 @@ class KVSource:
     def from_inversion(inversion) -> "KVSource":
         """Source clip 0: its inversion latent nearest each sigma, base model, source conditioning."""
         return KVSource(inversion.latent_at, inversion.cond)
+
+    def capture(self, backend: SVDBackend, controller: AttentionController, sigma: float, step: int = 0) -> None:
+        capture_clip0_kv(backend, controller, self, sigma)
 
 
 def capture_clip0_kv(backend: SVDBackend, controller: AttentionController, source: KVSource,
