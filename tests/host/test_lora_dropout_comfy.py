@@ -39,3 +39,29 @@ def test_comfy_dropout_acts_on_the_branch_output():
         assert not torch.allclose(out, base + branch, atol=1e-3)  # the mask dropped something
         state.dropout_active = False
         torch.testing.assert_close(forward(x), base + branch, rtol=1e-5, atol=1e-5)
+
+
+def test_comfy_clip0_slot_is_a_second_weight_set_chosen_per_call():
+    """Exact skip-interval: clip 0's LoRA beside the clip's own, run while `slot` is "clip0"."""
+    import comfy.ops
+
+    torch.manual_seed(1)
+    module = comfy.ops.disable_weight_init.Linear(6, 10, bias=False)
+    with torch.no_grad():
+        module.weight.normal_()
+    spec = LoraSpec(rank=2, attn1_only=True)
+    gen = torch.Generator().manual_seed(4)
+    pairs = [{PATH: (torch.randn(2, 6, generator=gen), torch.randn(10, 2, generator=gen))} for _ in range(2)]
+    state = comfy_lora.LoraState()
+    comfy_lora.load(state, {PATH: module}, motion_lora_from_pairs(pairs[1], spec), torch.device("cpu"))
+    comfy_lora.load(state, {PATH: module}, motion_lora_from_pairs(pairs[0], spec), torch.device("cpu"), slot="clip0")
+    forward = comfy_lora.LoraForward(module, PATH, state)
+    x = torch.randn(4, 6, generator=gen)
+    with torch.no_grad():
+        base = module(x)
+        expected = [base + x @ down.T @ up.T for down, up in (p[PATH] for p in pairs)]
+        torch.testing.assert_close(forward(x), expected[1], rtol=1e-5, atol=1e-5)
+        state.slot = "clip0"
+        torch.testing.assert_close(forward(x), expected[0], rtol=1e-5, atol=1e-5)
+        state.clear()
+        torch.testing.assert_close(forward(x), base)  # detaching removes both slots
