@@ -309,6 +309,7 @@ def main(argv=None) -> int:
     parser.add_argument("--official", help="path to the official I2VEdit tree")
     parser.add_argument("--official-python", help="a Python with diffusers 0.25.1 / peft 0.11.1 / transformers 4.36")
     parser.add_argument("--work", help="folder for weights and outputs (default: a temporary one)")
+    parser.add_argument("--reuse", action="store_true", help="keep the official outputs already in --work")
     parser.add_argument("--side", choices=("official", "weights"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.side:
@@ -325,9 +326,10 @@ def main(argv=None) -> int:
     me = str(Path(__file__).resolve())
     if not (work / "unet").is_dir():
         subprocess.run([args.official_python, me, "--side", "weights", "--work", str(work)], check=True, env=env)
-    make_inputs(work)
-    subprocess.run([args.official_python, me, "--side", "official", "--official", args.official, "--work", str(work)],
-                   check=True, env=env, cwd=str(work))
+    if not (args.reuse and (work / "official.pt").is_file()):
+        make_inputs(work)
+        subprocess.run([args.official_python, me, "--side", "official", "--official", args.official, "--work", str(work)],
+                       check=True, env=env, cwd=str(work))
     run_ours(work)
     print(table(work))
     versions = subprocess.run([args.official_python, "-c", "import diffusers, peft, transformers, torch; print("
