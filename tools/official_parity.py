@@ -129,7 +129,7 @@ def run_official(official: Path, work: Path):
     scheduler.set_timesteps(STEPS)
     sigmas = scheduler.sigmas.double().clone()
     sigma0 = sigmas[-2] * sigmas[-2] / sigmas[-3]
-    out["schedule"] = torch.cat([sigmas[:-1].flip(0), sigma0[None]])
+    out["schedule"] = torch.cat([sigma0[None], sigmas[:-1].flip(0)])  # ascending, as the inversion visits them
 
     # SARP (inverse_video's lines, with the official detector) and the inversion (euler_inversion)
     video = inputs["video"][None].float()  # (1, F, 3, H, W); inverse_video works in float32
