@@ -34,6 +34,9 @@ class LoraState:
         self.up: Dict[str, torch.nn.Parameter] = {}
         self.scale = 1.0
         self.dropout_active = False
+        # False: the branch computes in the activations' dtype (the UNet's, or autocast's) from the fp32
+        # master weights; True: activations upcast to fp32 first (slower, docs/PERFORMANCE.md "levers").
+        self.full_precision = False
 
     def clear(self) -> None:
         self.spec, self.down, self.up = None, {}, {}
@@ -54,10 +57,11 @@ class LoraForward:
         down = state.down.get(self.path)
         if down is None or state.scale == 0:
             return out
-        h = x.to(down.dtype)
+        dtype = down.dtype if state.full_precision else x.dtype
+        h = x.to(dtype)
         if state.dropout_active and state.spec.dropout > 0:
             h = F.dropout(h, state.spec.dropout, training=True)
-        delta = F.linear(F.linear(h, down), state.up[self.path])
+        delta = F.linear(F.linear(h, down.to(dtype)), state.up[self.path].to(dtype))
         return out + (delta * state.scale).to(out.dtype)
 
 
