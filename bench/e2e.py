@@ -133,10 +133,7 @@ def run_video(backend, frames: int, hw, settings: PipelineSettings, target_train
         progress = (lambda p: marks.setdefault(p["clip"], []).append(time.perf_counter())
                     if p["stage"] == "train" and p["step"] > 0 else None)
         loras, t_train, m_train = stage(lambda: train_loras(backend, video, settings, progress=progress))
-        steps = settings.training.steps
-        for times in marks.values():
-            if target_train_steps and steps > 1:
-                t_train += (target_train_steps - steps) * (times[-1] - times[0]) / (len(times) - 1)
+        t_train = extrapolate(t_train, marks.values(), settings.training.steps, target_train_steps)
         result, t_edit, m_edit = stage(lambda: propagate(backend, video, inversions, loras, edits, settings,
                                                           timings=timings))
     finally:
@@ -144,6 +141,16 @@ def run_video(backend, frames: int, hw, settings: PipelineSettings, target_train
     assert result[0].frames.shape == source.shape and bool(torch.isfinite(result[0].frames).all())
     rows = dict(invert=t_inv, train=t_train, edit=t_edit - timings.get("decode", 0.0), decode=timings.get("decode", 0.0))
     return rows, dict(invert=m_inv, train=m_train, edit=m_edit, decode=m_edit), recorder.latents
+
+
+def extrapolate(seconds: float, clip_marks, steps: int, target) -> float:
+    """Stage seconds as if every clip ran `target` steps: each clip's time stamps after steps 1..N give
+    its mean per-step time after the first step; one-off costs (data, first step) stay counted once."""
+    if not target or steps < 2:
+        return seconds
+    for times in clip_marks:
+        seconds += (target - steps) * (times[-1] - times[0]) / (len(times) - 1)
+    return seconds
 
 
 def floor_seconds(per_call: dict, steps: int, train_steps: int) -> dict:
