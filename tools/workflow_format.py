@@ -76,13 +76,19 @@ def live_definitions(pack: Path) -> Dict[str, NodeDef]:
 def preload_comfy_utils() -> None:
     """Import ComfyUI's `utils` package first: comfy_extras put `comfy/utils.py` in sys.modules as `utils`
     otherwise, and then nodes_images (ImageFromBatch, ...) fails on `utils.install_util` (main.py imports
-    the server early and never sees this)."""
+    the server early and never sees this). Also stands in for `requests` where it is missing (below)."""
     import importlib
     import importlib.util
     import sys
+    import types
 
     import comfy.model_patcher
 
+    if importlib.util.find_spec("requests") is None:
+        # ComfyUI v0.3.64 imports `requests` (app/frontend_management.py, reached through `server`, which
+        # nodes_images imports) without listing it in requirements.txt, and uses it only to download other
+        # front-end versions. Where the environment lacks it, an empty module keeps the registry complete.
+        sys.modules.setdefault("requests", types.ModuleType("requests"))
     loaded = sys.modules.get("utils")
     if loaded is None or not hasattr(loaded, "__path__"):
         folder = Path(comfy.model_patcher.__file__).resolve().parents[1] / "utils"
@@ -117,12 +123,27 @@ def _check_node(node: dict, definitions) -> List[str]:
     values = node.get("widgets_values", [])
     if len(values) != expected:
         problems.append(f"node {node['id']} ({kind}): {len(values)} widget values, the node has {expected}")
+    else:
+        problems += _check_choices(node, definition)
     for slot in node.get("inputs", []):
         if slot["name"] not in {s.name for s in definition.inputs}:
             problems.append(f"node {node['id']} ({kind}): no input named {slot['name']!r}")
     if len(node.get("outputs", [])) > len(definition.outputs):
         problems.append(f"node {node['id']} ({kind}): {len(node['outputs'])} outputs, the node has "
                         f"{len(definition.outputs)}")
+    return problems
+
+
+def _check_choices(node: dict, definition: NodeDef) -> List[str]:
+    """Combo values against the node's choices, except file names (what a user's folders hold varies)."""
+    problems, index = [], 0
+    for slot in definition.widgets:
+        value = node["widgets_values"][index]
+        index += slot.values
+        a_file = "." in str(value) or any("." in str(option) for option in slot.options)
+        if slot.type == "COMBO" and not a_file and value not in slot.options:
+            problems.append(f"node {node['id']} ({node['type']}): {slot.name}={value!r} is not one of "
+                            f"{list(slot.options)}")
     return problems
 
 
