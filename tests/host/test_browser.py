@@ -14,6 +14,7 @@ those screenshots; `I2VEDIT_WRITE_THUMBNAILS=1` rewrites them.
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -172,6 +173,18 @@ def test_every_workflow_opens_without_missing_nodes(reports):
         assert report["extension"], f"js extension i2vedit.ui not registered: {report}"
         assert len(report["open"]["nodes"]) == len(json.loads((REPO / "example_workflows" /
                                                                report["name"]).read_text())["nodes"])
+
+
+def test_the_preset_fills_the_betas_from_the_core_table(reports):
+    """js/i2vedit.js reads the table from the node definition: no copy of it in the page."""
+    from pack import load_pack
+
+    load_pack()
+    from i2vedit_core.attention import PRESETS
+
+    used = [r["preset"] for r in reports.values() if r["preset"]]
+    assert used and all(p == {"type": p["type"], "style": list(PRESETS["style"]), "after_edit": "custom"} for p in used)
+    assert not re.search(r"\d\.\d", (REPO / "js" / "i2vedit.js").read_text())  # no beta values of its own
 
 
 def layout_problems(state):

@@ -2,7 +2,7 @@
 // node open_workflows.mjs <comfy url> <screenshot dir> <run.json> <workflow.json>...
 // run.json, the simulated run: {"stage_inputs": [[from, to], ...] (files to copy into ComfyUI's input folder),
 //   "outputs": {node type: ui output as ComfyUI sends it}, "texts": {node type: progress text}}.
-// Prints one JSON line per workflow: missing node types, the extension, and the node/group boxes (graph
+// Prints one JSON line per workflow: missing node types, the extension, the preset link (usePreset), the node/group boxes (graph
 // coordinates, title bar included) as the workflow opens and after a simulated run (loader previews,
 // outputs and progress text shown), for the Python side to check.
 import { chromium } from "playwright-core";
@@ -26,6 +26,20 @@ function boxes() {
   }));
   const groups = window.app.graph._groups.map((g) => ({ title: g.title, box: [...g._bounding] }));
   return { nodes, groups };
+}
+
+// What the js extension does to a node with a preset: pick "style", then edit beta1 by hand.
+function usePreset() {
+  const node = window.app.graph._nodes.find((n) => n.widgets?.some((w) => w.name === "preset"));
+  if (!node) return null;
+  const widget = (name) => node.widgets.find((w) => w.name === name);
+  const preset = widget("preset"), beta1 = widget("beta1"), beta2 = widget("beta2");
+  preset.value = "style";
+  preset.callback(preset.value);
+  const style = [beta1.value, beta2.value];
+  beta1.value = 0.33;
+  beta1.callback(beta1.value);
+  return { type: node.type, style, after_edit: preset.value };
 }
 
 async function settle(page, ms) {
@@ -66,7 +80,7 @@ try {
     await settle(page, 300);
     await page.screenshot({ path: join(shots, basename(file, ".json") + ".png") });
     await page.evaluate(() => window.app.extensionManager.command.execute("Workspace.ToggleFocusMode"));
-    opened.push({ name: basename(file), ...result, open: await page.evaluate(boxes) });
+    opened.push({ name: basename(file), ...result, open: await page.evaluate(boxes), preset: await page.evaluate(usePreset) });
   }
   // The run: input files appear (loaders show previews), outputs and progress text arrive.
   for (const [from, to] of run.stage_inputs) copyFileSync(from, to);
