@@ -162,3 +162,23 @@ def _check_link(link, nodes, definitions) -> List[str]:
         problems.append(f"link {link_id}: {source['type']} output {out_type} into {target['type']}."
                         f"{target_input['name']} ({in_type})")
     return problems
+
+
+def api_prompt(workflow: dict, definitions: Dict[str, NodeDef]) -> Dict[str, dict]:
+    """The API-format prompt that queuing a UI-format workflow sends: widget values by name (a seed's control
+    and an upload button's value left out), linked inputs as [node id, output slot]; Notes dropped."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in UI_ONLY:
+            continue
+        inputs, values = {}, list(node.get("widgets_values", []))
+        for slot in definitions[node["type"]].widgets:
+            inputs[slot.name] = values[0]
+            values = values[slot.values:]
+        for slot in node.get("inputs", []):
+            if slot.get("link") is not None:
+                link = links[slot["link"]]
+                inputs[slot["name"]] = [str(link[1]), link[2]]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt

@@ -90,3 +90,18 @@ def test_pack_registers_every_node(definitions):
         "I2VEditSourceClips", "I2VEditInvert", "I2VEditTrainMotionLora", "I2VEditSaveMotionLora",
         "I2VEditLoadMotionLora", "I2VEditPropagate", "I2VEditEditVideo", "I2VEditInversionSampler",
         "I2VEditMatchedSampler", "I2VEditMetrics"}
+
+
+def test_api_prompt_is_what_the_front_end_queues(definitions):
+    """Widget values by name, links as [id, slot], the seed's control value and the Note left out."""
+    from workflow_format import api_prompt
+
+    workflow = json.loads((REPO / "example_workflows" / "03_instruct_edit.json").read_text())
+    prompt = api_prompt(workflow, definitions)
+    assert "99" not in prompt and len(prompt) == len(workflow["nodes"]) - 1
+    sampler = prompt["26"]
+    assert sampler["class_type"] == "KSampler" and sampler["inputs"]["seed"] == 0
+    assert sampler["inputs"]["sampler_name"] == "euler" and sampler["inputs"]["cfg"] == 7.5
+    assert sampler["inputs"]["positive"] == ["25", 0] and sampler["inputs"]["negative"] == ["25", 1]
+    assert prompt["10"]["inputs"]["edited_first_frame"] == ["27", 0] and prompt["10"]["inputs"]["preset"] == "local"
+    assert prompt["2"]["inputs"] == {"file": "source.mp4"}
