@@ -117,6 +117,8 @@ def run(backend, frames, edited, mask, settings, args, fps, names, demo: bool) -
     cache = ArtifactCache(args.cache) if args.cache else None
     started = time.perf_counter()
     result = edit_video(backend, frames, edited, settings, progress=ProgressBar(), cache=cache, mask=mask)
+    if not result.edits:  # a torchrun rank other than 0: it inverted and trained clips, rank 0 writes the outputs
+        return 0
     seams = [clip.start + settings.overlap for clip in result.clips[1:]]
     report = {"demo": demo, "note": "random weights: plumbing only, not an edit" if demo else "",
               "frames": list(frames.shape), "clips": [[c.start, c.stop] for c in result.clips],
