@@ -38,7 +38,7 @@ def entries(folder: Path):
 def test_two_processes_give_the_single_process_loras_and_frames(tmp_path):
     ranks = job(tmp_path / "fan", "edit")
     assert [r["ended"] for r in ranks] == ["ok", "ok"] and [r["edits"] for r in ranks] == [1, 0]
-    fanned = torch.load(tmp_path / "fan" / "result.pt")
+    fanned = torch.load(tmp_path / "fan" / "result.pt", weights_only=True)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks: CPU kernels round differently with another thread count
