@@ -31,6 +31,7 @@ import torch.distributed as dist
 from safetensors.torch import load as load_tensors, save as save_tensors
 
 from .cache import ArtifactCache, fingerprint
+from .lora import MotionLora
 from .pipeline import (Cancelled, PipelineResult, PipelineSettings, check_edited_frames, invert_video, latent_mask,
                        prepare_video, propagate, train_loras)
 from .stages import _inversion_from_tensors, _inversion_tensors, _lora_from_entry
@@ -59,7 +60,7 @@ def edit_video(backend, frames, edited_first_frames, settings: PipelineSettings 
     with fan.stop_all_on_error():
         fan.check_same_input(video.source, edits, settings)
         started = time.perf_counter()
-        artifacts = clip_artifacts(backend, video, settings, progress, cancel, cache, fan)
+        artifacts = _fan_out(fan, backend, video, settings, progress, cancel, cache, invert=True)
         timings = {"invert_and_train": time.perf_counter() - started}
         results = []
         if fan.rank == 0:
@@ -70,17 +71,34 @@ def edit_video(backend, frames, edited_first_frames, settings: PipelineSettings 
     return PipelineResult(results, timings, video.clips)
 
 
-def clip_artifacts(backend, video, settings: PipelineSettings, progress=None, cancel=None,
-                   cache: Optional[ArtifactCache] = None, fan: Optional["Fan"] = None):
-    """Every clip's inversion and motion LoRA, computed by all ranks together. Rank 0 gets
-    (inversions, loras or None) in clip order; the other ranks get None."""
-    fan = fan or Fan.open()
+def video_loras(backend, frames, settings: PipelineSettings = PipelineSettings(), progress=None, cancel=None,
+                cache: Optional[ArtifactCache] = None) -> Optional[List[MotionLora]]:
+    """Every clip's motion LoRA (`pipeline.train_loras`, what the Train Motion LoRA node runs), fanned out
+    when a process group of several processes is up: rank 0 gets the list, the other ranks None."""
+    settings = settings.resolved()
+    if settings.training is None:
+        raise ValueError("no training settings: give PipelineSettings(training=TrainingSettings(...))")
+    video = prepare_video(frames, settings)
+    if not fanned_out():
+        return train_loras(backend, video, settings, progress, cancel, cache)
+    fan = Fan.open()
+    with fan.stop_all_on_error():
+        fan.check_same_input(video.source, settings)
+        artifacts = _fan_out(fan, backend, video, settings, progress, cancel, cache, invert=False)
+        fan.finish(cancel)
+    return None if artifacts is None else artifacts[1]
+
+
+def _fan_out(fan: "Fan", backend, video, settings: PipelineSettings, progress, cancel,
+             cache: Optional[ArtifactCache], invert: bool):
+    """Every clip's inversion (if `invert`) and motion LoRA (if training is on), computed by all ranks
+    together. Rank 0 gets (inversions or None, loras or None) in clip order; the other ranks get None."""
     report, check = fan.progress(progress), fan.cancel(cancel)
     # clip 0's inversions (for skip-interval) are then computed once per rank, not once per claimed clip
     cache = cache if cache is not None else ArtifactCache(max_in_memory=8)
     mine: Dict[int, Tuple] = {}
     for k in iter(lambda: fan.claim(len(video.clips)), None):
-        inversion = invert_video(backend, video, settings, report, check, cache, only=[k])[0]
+        inversion = invert_video(backend, video, settings, report, check, cache, only=[k])[0] if invert else None
         lora = (train_loras(backend, video, settings, report, check, cache, only=[k])[0]
                 if settings.training is not None else None)
         mine[k] = (inversion, lora)
@@ -204,8 +222,9 @@ class Fan:
     # --- artifacts to rank 0 -------------------------------------------------------------------
 
     def gather(self, mine: Dict[int, Tuple], count: int, device):
-        """Rank 0: (inversions, loras or None) in clip order, its own plus the others' received in clip
-        order; every other rank sends its clips in clip order (so each pair's sends and receives match)."""
+        """Rank 0: (inversions, loras) in clip order (each None when not computed), its own plus the others'
+        received in clip order; every other rank sends its clips in clip order (so each pair's sends and
+        receives match)."""
         owners = [int(self.store.get(f"owner/{k}")) for k in range(count)]
         link = _link_device()
         if self.rank != 0:
@@ -215,13 +234,15 @@ class Fan:
         received = {k: _unpack(_recv_bytes(owners[k], link), device, owners[k])
                     for k in range(count) if owners[k] != 0}
         clips = [mine[k] if k in mine else received[k] for k in range(count)]
-        loras = [lora for _, lora in clips]
-        return [inversion for inversion, _ in clips], (None if loras[0] is None else loras)
+        inversions, loras = [inversion for inversion, _ in clips], [lora for _, lora in clips]
+        return None if inversions[0] is None else inversions, None if loras[0] is None else loras
 
 
 def _pack(inversion, lora) -> bytes:
-    tensors = {f"inversion.{k}": v.detach().cpu().contiguous() for k, v in _inversion_tensors(inversion).items()}
-    metadata = {}
+    tensors, metadata = {}, {}
+    if inversion is not None:
+        tensors.update({f"inversion.{k}": v.detach().cpu().contiguous()
+                        for k, v in _inversion_tensors(inversion).items()})
     if lora is not None:
         tensors.update({f"lora.{k}": v.contiguous() for k, v in lora.weights.items()})
         metadata = dict(lora.metadata, spec=json.dumps([lora.spec.rank, lora.spec.attn1_only, lora.spec.dropout]))
@@ -230,8 +251,8 @@ def _pack(inversion, lora) -> bytes:
 
 def _unpack(data: bytes, device, rank: int):
     tensors = load_tensors(data)
-    inversion = _inversion_from_tensors({k[len("inversion."):]: v for k, v in tensors.items()
-                                         if k.startswith("inversion.")}, device)
+    inverted = {k[len("inversion."):]: v for k, v in tensors.items() if k.startswith("inversion.")}
+    inversion = _inversion_from_tensors(inverted, device) if inverted else None
     weights = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
     if not weights:
         return inversion, None

@@ -15,6 +15,7 @@ import torch.distributed as dist
 torch.set_num_threads(1)  # CPU results depend on the thread count; the reference runs with 1 too
 
 from i2vedit_core.cache import ArtifactCache  # noqa: E402
+from i2vedit_core.distributed import video_loras  # noqa: E402
 from i2vedit_core.inversion import InversionSettings  # noqa: E402
 from i2vedit_core.pipeline import PipelineSettings, edit_video  # noqa: E402
 from i2vedit_core.tiny import synthetic_clip, tiny_backend  # noqa: E402
@@ -57,11 +58,14 @@ def main(out: Path, mode: str) -> None:
     events = []
     record = {"rank": rank}
     try:
-        result = edit_video(tiny_backend(0), video, edited, SETTINGS, progress=events.append, cancel=cancel,
-                            cache=ArtifactCache(out / "cache"))
+        backend, cache = tiny_backend(0), ArtifactCache(out / "cache")
+        result = edit_video(backend, video, edited, SETTINGS, progress=events.append, cancel=cancel, cache=cache)
         record.update(ended="ok", edits=len(result.edits))
+        # the LoRAs alone, fanned out too (cache hits here: the edit trained them)
+        loras = video_loras(backend, video, SETTINGS, cache=cache) if mode == "edit" else None
         if rank == 0:
-            torch.save({"frames": result.edits[0].frames, "events": events}, out / "result.pt")
+            torch.save({"frames": result.edits[0].frames, "events": events,
+                        "loras": [lora.weights for lora in loras or []]}, out / "result.pt")
     except Exception as error:  # recorded for the test; exiting normally keeps torchrun from stopping the others
         record.update(ended=type(error).__name__, message=str(error))
     record["at"] = time.time()

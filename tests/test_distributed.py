@@ -44,11 +44,13 @@ def test_two_processes_give_the_single_process_loras_and_frames(tmp_path):
     torch.set_num_threads(1)  # as the ranks: CPU kernels round differently with another thread count
     try:
         from i2vedit_core.cache import ArtifactCache
+        from i2vedit_core.distributed import video_loras
         from i2vedit_core.pipeline import edit_video
         from i2vedit_core.tiny import tiny_backend
         video, edited = distributed_job.inputs()
-        single = edit_video(tiny_backend(0), video, edited, distributed_job.SETTINGS,
-                            cache=ArtifactCache(tmp_path / "single"))
+        backend, cache = tiny_backend(0), ArtifactCache(tmp_path / "single")
+        single = edit_video(backend, video, edited, distributed_job.SETTINGS, cache=cache)
+        loras = video_loras(backend, video, distributed_job.SETTINGS, cache=cache)
     finally:
         torch.set_num_threads(threads)
 
@@ -59,6 +61,9 @@ def test_two_processes_give_the_single_process_loras_and_frames(tmp_path):
     assert sorted(ours) == sorted(theirs) and sum(n.startswith("lora-") for n in ours) == 3
     for name, tensors in ours.items():
         assert all(torch.equal(tensors[k], theirs[name][k]) for k in tensors), name
+    assert len(fanned["loras"]) == 3 and all(
+        mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+        for mine, theirs in zip(fanned["loras"], (lora.weights for lora in loras)))
     # rank 0 reported both ranks' training
     trained_by = {e["rank"] for e in fanned["events"] if e["stage"] == "train" and e["step"] > 0}
     assert trained_by == {0, 1}, fanned["events"]
@@ -99,3 +104,27 @@ def test_model_identity_is_the_same_in_every_process():
     backend.vae._internal_dict = FrozenDict(config, _use_default_values=config["_use_default_values"][::-1],
                                             _name_or_path="/elsewhere")
     assert len(config["_use_default_values"]) >= 2 and backend.identity() == before
+
+
+def test_motion_loras_command_saves_the_series_load_motion_lora_reads(tmp_path, capsys):
+    from i2vedit_core.lora import load_motion_lora
+    from i2vedit_core.motion_loras import main
+    from i2vedit_core.tiny import synthetic_clip, tiny_clip, tiny_unet, tiny_vae
+    from i2vedit_core.video_io import write_video
+    svd = tmp_path / "svd"
+    tiny_unet(0).save_pretrained(svd / "unet")
+    tiny_vae(1).save_pretrained(svd / "vae")
+    tiny_clip(2).save_pretrained(svd / "image_encoder")
+    video = write_video(tmp_path / "in.mp4", synthetic_clip(10, 64, 64), fps=5)
+    argv = ["--svd", str(svd), "--video", str(video), "--save", str(tmp_path / "loras" / "my_video"),
+            "--size", "64", "64", "--frames-per-clip", "4", "--steps", "2", "--train-steps", "1", "--dtype", "fp32",
+            "--cache", str(tmp_path / "cache")]
+    assert main(argv) == 0
+    saved = sorted((tmp_path / "loras").iterdir())
+    assert [p.name for p in saved] == [f"my_video_clip0{k}of03.safetensors" for k in (1, 2, 3)]
+    cached = [w for name, w in entries(tmp_path / "cache").items() if name.startswith("lora-")]
+    for path in saved:  # each file is one of the trained LoRAs, in the format the nodes load
+        lora = load_motion_lora(str(path))
+        assert lora.metadata["source_frames"] == "4"
+        assert sum(all(torch.equal(lora.weights[k], w[k]) for k in lora.weights) for w in cached) == 1
+    assert main(argv) == 2 and "already exist" in capsys.readouterr().err
