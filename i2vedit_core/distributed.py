@@ -48,6 +48,11 @@ def fanned_out() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def rank() -> int:
+    """This process's rank in the default process group; 0 without one."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def edit_video(backend, frames, edited_first_frames, settings: PipelineSettings = PipelineSettings(),
                progress=None, cancel=None, cache: Optional[ArtifactCache] = None, mask=None) -> PipelineResult:
     """`pipeline.edit_video` on every rank of the default process group. Rank 0 returns the edits;

@@ -12,11 +12,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-DTYPES = ("fp16", "bf16", "fp32")
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .cli import ProgressBar, build_parser, settings_from
+    from .cli import ProgressLine, build_parser, settings_from
 
     parser = build_parser()  # the clip and training options of the editing command (edit options are unused)
     parser.prog, parser.description = "python -m i2vedit_core.motion_loras", __doc__.splitlines()[0]
@@ -27,7 +24,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError("--svd, --video and --save are needed (the model, the source video, where to save)")
         if args.train_steps < 1:
             raise ValueError("--train-steps must be at least 1: this command only trains motion LoRAs")
-        return train_and_save(args, settings_from(args), ProgressBar())
+        return train_and_save(args, settings_from(args), ProgressLine())
     except ValueError as err:
         print(f"i2vedit: {err}", file=sys.stderr)
         return 2
@@ -38,11 +35,15 @@ def train_and_save(args, settings, progress) -> int:
 
     from .backends.diffusers_loading import load_svd
     from .cache import ArtifactCache
+    from .cli import device_of
     from .distributed import video_loras
     from .video_io import read_video
 
     frames, _ = read_video(args.video, args.max_frames, args.stride)
-    backend = load_svd(args.svd, dtype={"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype])
+    device = device_of()
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+             "auto": torch.float32 if device == "cpu" else torch.float16}[args.dtype]
+    backend = load_svd(args.svd, dtype=dtype, device=device)
     loras = video_loras(backend, frames, settings, progress, cache=ArtifactCache(args.cache) if args.cache else None)
     if loras is None:  # a torchrun rank other than 0
         return 0
