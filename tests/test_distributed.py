@@ -90,7 +90,7 @@ def test_cli_under_torchrun_writes_outputs_once(tmp_path):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert len(report["clips"]) == 3 and sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "demo_edit.mp4", "demo_edit_difference.png", "report.json"]
-    assert done.stdout.count("wrote ") == 2, done.stdout  # rank 0 alone writes (the video, then the report)
+    assert done.stdout.count("wrote ") == 1, done.stdout  # rank 0 alone writes
 
 
 def test_model_identity_is_the_same_in_every_process():
