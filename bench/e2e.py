@@ -2,7 +2,7 @@
 
     python bench/e2e.py                      # default mode
     python bench/e2e.py --skip-interval      # also a 2-clip video (clip 2 with skip-interval attention)
-    python bench/e2e.py --low-vram           # the one-clip run in low-VRAM mode (target: peak <= 24 GiB)
+    python bench/e2e.py --memory 24gb        # the one-clip run under the 24gb memory tier
 
 Stages: SARP + 25-step inversion; 250 motion-LoRA steps at 512x896; 25 matched denoising steps with CFG
 and the recomputed source branch; VAE decode. The floor is measured in the same run on the same model:
@@ -130,7 +130,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-steps", type=int, default=250)
     parser.add_argument("--skip-interval", action="store_true", help="also time a 2-clip video")
-    parser.add_argument("--low-vram", action="store_true", help="run the one-clip video in low-VRAM mode")
+    parser.add_argument("--memory", default="fast", help="memory policy of the one-clip run (i2vedit_core.memory)")
     parser.add_argument("--skip-train-steps", type=int, default=50,
                         help="training steps per clip in the 2-clip run (times scaled to 250 in the table)")
     args = parser.parse_args()
@@ -139,13 +139,13 @@ def main():
     torch.manual_seed(0)
     backend = full_size_backend()
     settings = PipelineSettings(training=TrainingSettings(steps=args.train_steps), inversion=InversionSettings(),
-                                low_vram=args.low_vram)
+                                memory=args.memory)
     floor = floors(backend, 14, (512, 896), 25, 250)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, UNet {DTYPE}, latents fp32")
     print(f"floor per call: plain b1 forward {floor['b1'] * 1e3:.0f} ms, plain CFG b2 forward "
           f"{floor['b2'] * 1e3:.0f} ms, LoRA fwd+bwd at 512x896 {floor['train_step'] * 1e3:.0f} ms")
     rows, mems = run_video(backend, 14, settings)
-    mode = "low-VRAM mode" if args.low_vram else "default mode"
+    mode = f"memory={args.memory}"
     print_table(f"one clip, 14 frames, {mode}", rows, mems, floor, 250 / args.train_steps)
     if args.skip_interval:
         skip_settings = PipelineSettings(training=TrainingSettings(steps=args.skip_train_steps), skip_interval=True)

@@ -40,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=int, help="read at most this many frames")
     p.add_argument("--stride", type=int, default=1, help="use every n-th frame of the video")
     p.add_argument("--fps", type=float, help="output frame rate (default: the input's)")
-    p.add_argument("--low-vram", action="store_true", help="fit a 24 GB GPU (slower training)")
+    p.add_argument("--memory", default="auto",
+                   help="memory policy: auto (reads the GPU's free memory), fast, 24gb, 12gb, or a GiB budget "
+                        "such as 16; lower settings checkpoint more of training, decode fewer frames at a time "
+                        "and offload the VAE and CLIP (slower)")
     p.add_argument("--cache", help="cache folder for inversions and LoRAs (a second edit skips both)")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
     p.add_argument("--seed", type=int, default=0)
@@ -76,7 +79,7 @@ def settings_from(args, tiny: bool = False):
         fit=args.fit, inversion=InversionSettings(steps=args.steps, seed=args.seed), training=training,
         edit=EditSettings(matching=MatchSettings(thresholds=tuple(args.thr), temporal=temporal),
                           min_guidance=args.guidance[0], max_guidance=args.guidance[1], seed=args.seed),
-        low_vram=args.low_vram)
+        memory=args.memory)
 
 
 def run_edit(args) -> int:

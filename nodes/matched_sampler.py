@@ -26,11 +26,12 @@ from comfy_api.latest import io
 
 from i2vedit_core.attention import AttentionController, MatchSettings
 from i2vedit_core.backends.comfy_attention import CONTROLLER_KEY
+from i2vedit_core.pipeline import PipelineSettings, memory_hint, memory_plan
 
 from .artifacts import InvertedVideo, move_inversion
 from .host import cancel_check, comfy_backend
 from .propagate import edit_settings, matching_inputs
-from .types import CATEGORY, Inversion, model_inputs
+from .types import CATEGORY, Inversion, memory_input, model_inputs
 
 CHUNK_ROLE = {0: "cond", 1: "uncond"}  # ComfyUI's cond_or_uncond entries
 SIGMA_TOLERANCE = 0.02                 # |log sigma - log stored sigma| allowed between schedule and inversion
@@ -44,6 +45,7 @@ class MatchedJob:
     vae: object
     inverted: InvertedVideo
     matching: MatchSettings
+    memory: str = "auto"
     runs: list = field(default_factory=list, compare=False)
 
 
@@ -107,7 +109,8 @@ def matched_function(model, x, sigmas, extra_args=None, callback=None, disable=N
     cancel = cancel_check()
     s_in = x.new_ones([x.shape[0]])
     dtype = x.dtype
-    with comfy_backend(job.model, job.clip_vision, job.vae) as backend:
+    with comfy_backend(job.model, job.clip_vision, job.vae) as backend, \
+            memory_hint("matched sampling", memory_plan(backend, PipelineSettings(memory=job.memory))):
         if backend.identity() != job.inverted.model_identity:
             raise ValueError("the inversion was made with a different MODEL: connect the same SVD model to "
                              "I2VEdit Invert and I2VEdit Matched Sampler")
@@ -146,15 +149,15 @@ class MatchedSamplerNode(io.ComfyNode):
                         "the edited frame (SVD_img2vid_Conditioning + CFGGuider) and KarrasScheduler with the "
                         "inversion's steps.",
             inputs=model_inputs() + [Inversion.Input("inversion", tooltip="From I2VEdit Invert (same MODEL); clip 0 "
-                                                                          "is used.")] + widgets,
+                                                                          "is used.")] + widgets + [memory_input()],
             outputs=[io.Sampler.Output(display_name="sampler")])
 
     @classmethod
-    def execute(cls, model, clip_vision, vae, inversion, **widgets) -> io.NodeOutput:
+    def execute(cls, model, clip_vision, vae, inversion, memory="auto", **widgets) -> io.NodeOutput:
         import comfy.samplers
 
         matching = edit_settings(min_guidance=1.0, max_guidance=1.0, random_seed=0, **widgets).matching
-        job = MatchedJob(model, clip_vision, vae, inversion, matching)
+        job = MatchedJob(model, clip_vision, vae, inversion, matching, memory)
         return io.NodeOutput(comfy.samplers.KSAMPLER(matched_function, extra_options={"job": job}))
 
 

@@ -60,6 +60,7 @@ class ComfyBackend:
         self.device = torch.device(self.patcher.load_device)
         self.latent_format = self.patcher.get_model_object("latent_format")
         self.latent_scale = float(self.latent_format.scale_factor)
+        self.offload = False
 
     # --- VAE ---------------------------------------------------------------------------------
 
@@ -166,9 +167,11 @@ class ComfyBackend:
     def load_lora(self, lora) -> None:
         comfy_lora.load(self.lora, self.linears, lora, self.device)
 
-    def lora_training(self, gradient_checkpointing: bool = False):
-        """Inference mode off (ComfyUI runs nodes inside it), LoRA dropout on, optional checkpointing."""
-        return comfy_training.training_mode(self.lora, self.checkpointing, gradient_checkpointing)
+    def lora_training(self, gradient_checkpointing=False):
+        """Inference mode off (ComfyUI runs nodes inside it), LoRA dropout on, optional checkpointing
+        (False, True or a level count: `memory.checkpointed_levels`)."""
+        levels = len(self.patcher.model.diffusion_model.channel_mult)
+        return comfy_training.training_mode(self.lora, self.checkpointing, gradient_checkpointing, levels)
 
     # --- cache identity ----------------------------------------------------------------------
 
@@ -192,6 +195,17 @@ class ComfyBackend:
 
     # --- ComfyUI memory management -----------------------------------------------------------
 
+    def free_memory(self) -> int:
+        """Free memory of the device as ComfyUI counts it (the memory policy's "auto" reads it)."""
+        import comfy.model_management as mm
+
+        return int(mm.get_free_memory(self.device))
+
+    def set_offload(self, offload: bool) -> None:
+        """Offloading: before the UNet loads, ComfyUI unloads every other model from the device (the VAE
+        and CLIP vision come back on their next call). Without it ComfyUI still offloads under pressure."""
+        self.offload = bool(offload)
+
     def load(self, latent_shape: Optional[torch.Size] = None) -> None:
         """Load the clone through ComfyUI's model management (respects its offloading); no-op if loaded."""
         import comfy.model_management as mm
@@ -201,6 +215,8 @@ class ComfyBackend:
         memory = 0
         if latent_shape is not None:
             memory = self.patcher.model.memory_required([latent_shape[0] * latent_shape[1], *latent_shape[2:]])
+        if self.offload and self.device.type == "cuda":  # ComfyUI's own unloading, asked for everything
+            mm.free_memory(mm.get_total_memory(self.device), self.device)
         mm.load_models_gpu([self.patcher], memory_required=memory)
         self.patcher.pre_run()
 
