@@ -31,7 +31,7 @@ class MemoryPlan:
 # Fastest first; each tier lowers the peak further. min_gib: the free memory (or budget) it is picked from.
 PLANS = (
     (MemoryPlan("fast", False, 8, False), 32.0),
-    (MemoryPlan("24gb", 2, 8, False), 18.0),
+    (MemoryPlan("24gb", 2, 4, False), 18.0),
     (MemoryPlan("12gb", True, 2, True), 0.0),
 )
 TIERS = tuple(plan.tier for plan, _ in PLANS)

@@ -225,7 +225,7 @@ def _edit_one_clip(backend, video, k, inversions, edited_frame, earlier: List[Ed
     clip0 = Clip0.of(inversions[0], earlier[0]) if video.skip_interval and k > 0 else None
     report("edit", k, count, 0, settings.inversion.steps)
     with memory_hint("denoising", plan):
-        cond = _edit_conditioning(backend, edited_frame, earlier[-1] if earlier else None,
+        cond = edit_conditioning(backend, edited_frame, earlier[-1] if earlier else None,
                                   decoded_earlier[-1] if decoded_earlier else None, len(video.clips[k]), settings.micro)
         result = edit_clip(backend, inversions[k], cond, settings.edit, lora_scale=1.0 if with_lora else 0.0,
                            clip0=clip0, mask=mask,
@@ -248,7 +248,7 @@ def _training_clip0(backend, video: PreparedVideo, settings: PipelineSettings, c
     return cached_inversion(backend, frames0, settings.inversion, cache)
 
 
-def _edit_conditioning(backend, edited_frame, previous: Optional[EditResult], previous_frames,
+def edit_conditioning(backend, edited_frame, previous: Optional[EditResult], previous_frames,
                        num_frames: int, micro: MicroConditioning):
     """Clip 0: the user's edited frame. Clip k: the previous clip's last frame (latent taken directly)."""
     if previous is None:

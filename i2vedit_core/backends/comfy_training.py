@@ -2,9 +2,12 @@
 
 ComfyUI runs every node under `torch.inference_mode()`, so the loaded UNet's parameters and the
 node's input tensors are inference tensors, which autograd may not save for backward. Training
-therefore runs inside `torch.inference_mode(False)` and, before each differentiable forward, the
-inference-tensor parameters and buffers are replaced by clones (same values; harmless for the
-shared model, and ModelPatcher's weight backups still restore what it patched).
+therefore runs inside `torch.inference_mode(False)` and, before the first differentiable forward, the
+inference-tensor parameters and buffers are replaced by clones (same values). This is the one place
+that touches the shared BaseModel's own attributes (ComfyUI has no extension point for it): the
+originals are recorded and put back, the same objects, when training ends, before ModelPatcher
+restores what it patched (tests/host/test_comfy_model_untouched.py checks identity, values and
+inference-ness afterwards).
 
 Gradient checkpointing wraps the heavy layers of the UNet's blocks (VideoResBlock and
 SpatialVideoTransformer, as core TrainLoraNode's `patch` does for top-level children) with
@@ -25,10 +28,12 @@ HEAVY_LAYERS = ("VideoResBlock", "SpatialVideoTransformer")
 
 
 class Switch:
-    """The checkpointed levels the object patches of one backend read (the patches are per backend clone)."""
+    """Training state of one backend: the checkpointed levels its object patches read, and the shared
+    model's inference tensors swapped out while training (name -> original object)."""
 
     def __init__(self):
         self.levels = frozenset()
+        self.swapped = {}
 
 
 class CheckpointedForward:
@@ -57,20 +62,32 @@ def trainable_now() -> bool:
     return torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
 
 
-def replace_inference_tensors(model: torch.nn.Module) -> int:
-    """Swap inference-tensor parameters and buffers of `model` for normal clones; returns how many."""
+def replace_inference_tensors(model: torch.nn.Module, swapped: dict) -> int:
+    """Swap inference-tensor parameters and buffers of `model` for normal clones, recording the originals
+    in `swapped` (put back by `restore_inference_tensors`); returns how many were swapped now."""
     import comfy.utils
 
-    swapped = 0
+    count = 0
     for name, p in list(model.named_parameters()):
         if p.is_inference():
+            swapped.setdefault(name, p)
             comfy.utils.set_attr_param(model, name, p.clone())
-            swapped += 1
+            count += 1
     for name, b in list(model.named_buffers()):
         if b.is_inference():
+            swapped.setdefault(name, b)
             comfy.utils.set_attr(model, name, b.clone())
-            swapped += 1
-    return swapped
+            count += 1
+    return count
+
+
+def restore_inference_tensors(model: torch.nn.Module, swapped: dict) -> None:
+    """Put the recorded original objects back (comfy.utils.set_attr keeps the object, unlike set_attr_param)."""
+    import comfy.utils
+
+    for name, original in swapped.items():
+        comfy.utils.set_attr(model, name, original)
+    swapped.clear()
 
 
 def normal(t: torch.Tensor) -> torch.Tensor:
@@ -79,7 +96,7 @@ def normal(t: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def training_mode(lora_state, switch: Switch, gradient_checkpointing, levels: int) -> Iterator[None]:
+def training_mode(lora_state, switch: Switch, gradient_checkpointing, levels: int, model) -> Iterator[None]:
     """Inference mode off, LoRA dropout active, checkpointing switched as asked; all restored after."""
     import comfy.model_management as mm
 
@@ -93,5 +110,6 @@ def training_mode(lora_state, switch: Switch, gradient_checkpointing, levels: in
             yield
     finally:
         lora_state.dropout_active, switch.levels = previous[0], previous[1]
+        restore_inference_tensors(model, switch.swapped)
         if had_flag:
             mm.in_training = previous[2]

@@ -79,7 +79,7 @@ def inversion(nodes, parts, clips):
 
 
 def test_every_node_has_a_description_and_tooltips(nodes):
-    assert len(nodes) == 10
+    assert len(nodes) == 11
     for node_id, cls in nodes.items():
         schema = cls.define_schema()
         assert schema.description and schema.display_name.startswith("I2VEdit"), node_id
@@ -212,7 +212,8 @@ MEMORY_NODES = {  # node id -> inputs besides MODEL, CLIP_VISION, VAE and the me
 
 
 def test_every_node_that_runs_the_unet_has_the_memory_widget(nodes):
-    runs_unet = [n for n, cls in nodes.items() if any(i.id == "model" for i in cls.define_schema().inputs)]
+    runs_unet = [n for n, cls in nodes.items() if any(i.id == "model" for i in cls.define_schema().inputs)
+                 and n != "I2VEditEditConditioning"]  # VAE and CLIP only
     assert sorted(runs_unet) == sorted([*MEMORY_NODES, "I2VEditMatchedSampler"])
     for node_id in runs_unet:
         memory = next(i for i in nodes[node_id].define_schema().inputs if i.id == "memory")
