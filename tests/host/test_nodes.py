@@ -33,16 +33,27 @@ def edited(image):
 
 
 def snapshot(model):
+    import comfy.model_management as mm
+
+    params = {n: (p, p.is_inference()) for n, p in model.model.named_parameters()}
+    others = [m for m in mm.current_loaded_models if m.model is not None and m.model.model is not model.model]
     return ({k: v.clone() for k, v in model.model.state_dict().items()}, copy.deepcopy(model.model_options),
-            dict(model.object_patches), {k: list(v) for k, v in model.patches.items()})
+            dict(model.object_patches), {k: list(v) for k, v in model.patches.items()}, params, others)
 
 
 def assert_unchanged(model, before):
-    weights, options, object_patches, patches = before
+    """Weights, options and patches of MODEL as before; the shared BaseModel's parameters the same objects with
+    the same inference-ness (training swaps them for a while); no other model's loaded entry removed by us."""
+    import comfy.model_management as mm
+
+    weights, options, object_patches, patches, params, others = before
     after = model.model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in weights.items())
     assert model.model_options == options
     assert dict(model.object_patches) == object_patches and {k: list(v) for k, v in model.patches.items()} == patches
+    now = dict(model.model.named_parameters())
+    assert all(now[n] is p and p.is_inference() == inference for n, (p, inference) in params.items())
+    assert all(any(m is entry for m in mm.current_loaded_models) for entry in others)
 
 
 def run(node, **inputs):
