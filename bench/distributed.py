@@ -23,8 +23,8 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from i2vedit_core.inversion import InversionSettings  # noqa: E402
-from i2vedit_core.pipeline import (PipelineSettings, check_edited_frames, edit_video, invert_video,  # noqa: E402
-                                   prepare_video, propagate, train_loras)
+from i2vedit_core.pipeline import (PipelineSettings, check_edited_frames, edit_video, invert_video, memory_plan,  # noqa: E402
+                                   prepare_video, propagate, train_loras, with_plan)
 from i2vedit_core.tiny import synthetic_clip, tiny_backend  # noqa: E402
 from i2vedit_core.training import TrainingSettings  # noqa: E402
 
@@ -83,7 +83,7 @@ def main() -> None:
                   "device": torch.cuda.get_device_name() if cuda else "cpu", "full_size": args.full,
                   "wall_s": round(wall, 2), "timings_s": {k: round(v, 2) for k, v in result.timings.items()}}
         if not args.full:
-            reference = single_process(backend, video, edited, settings.resolved())[0].frames
+            reference = single_process(backend, video, edited, with_plan(settings, memory_plan(backend, settings)))[0].frames
             report["max_abs_diff_vs_single_process"] = float((reference - result.edits[0].frames).abs().max())
         print(json.dumps(report))
     dist.destroy_process_group()

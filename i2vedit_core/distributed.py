@@ -33,7 +33,7 @@ from safetensors.torch import load as load_tensors, save as save_tensors
 from .cache import ArtifactCache, fingerprint
 from .lora import MotionLora
 from .pipeline import (Cancelled, PipelineResult, PipelineSettings, check_edited_frames, invert_video, latent_mask,
-                       prepare_video, propagate, train_loras)
+                       memory_plan, prepare_video, propagate, train_loras, with_plan)
 from .stages import _inversion_from_tensors, _inversion_tensors, _lora_from_entry
 
 POLL_S = 0.05      # store polling while a rank waits for others
@@ -57,7 +57,7 @@ def edit_video(backend, frames, edited_first_frames, settings: PipelineSettings 
                progress=None, cancel=None, cache: Optional[ArtifactCache] = None, mask=None) -> PipelineResult:
     """`pipeline.edit_video` on every rank of the default process group. Rank 0 returns the edits;
     the other ranks return a result with no edits (same clips and timings keys)."""
-    settings = settings.resolved()
+    settings = with_plan(settings, memory_plan(backend, settings))
     video = prepare_video(frames, settings)
     edits = check_edited_frames(edited_first_frames, video.fit)
     mask = latent_mask(mask, video) if mask is not None else None
@@ -80,7 +80,7 @@ def video_loras(backend, frames, settings: PipelineSettings = PipelineSettings()
                 cache: Optional[ArtifactCache] = None) -> Optional[List[MotionLora]]:
     """Every clip's motion LoRA (`pipeline.train_loras`, what the Train Motion LoRA node runs), fanned out
     when a process group of several processes is up: rank 0 gets the list, the other ranks None."""
-    settings = settings.resolved()
+    settings = with_plan(settings, memory_plan(backend, settings))
     if settings.training is None:
         raise ValueError("no training settings: give PipelineSettings(training=TrainingSettings(...))")
     video = prepare_video(frames, settings)

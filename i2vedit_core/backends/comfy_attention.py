@@ -104,9 +104,13 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _downscale(path: str, per_block: int, levels: int) -> int:
-    """Latent width / layer width from the SGM block index (input block i is at level (i-1)//per)."""
+    """Latent width / layer width."""
+    return 2 ** level_of(path, per_block, levels)
+
+
+def level_of(path: str, per_block: int, levels: int) -> int:
+    """Resolution level (0 = finest) from the SGM block index (input block i is at level (i-1)//per)."""
     block, index = path.split(".")[:2]
     if block == "middle_block":
-        return 2 ** (levels - 1)
-    level = (int(index) - 1) // per_block if block == "input_blocks" else levels - 1 - int(index) // per_block
-    return 2 ** level
+        return levels - 1
+    return (int(index) - 1) // per_block if block == "input_blocks" else levels - 1 - int(index) // per_block
