@@ -2,8 +2,8 @@
 
 Every Linear a motion LoRA can adapt (the 12 per temporal block, `lora.TEMPORAL_LINEARS`) gets
 its `forward` object-patched on the backend's clone, once, when the backend is built. The patch
-computes base(x) + scale * up(down(dropout(x))) exactly as peft does on the diffusers backend,
-reading the adapter from the backend's `LoraState`:
+computes base(x) + scale * dropout(up(down(x))) (dropout on the branch output, as the official LoRA
+and the diffusers backend do), reading the adapter from the backend's `LoraState`:
 - activation space, not ComfyUI's weight wrappers (`add_weight_wrapper`), because a weight-space
   delta cannot express I2VEdit's dropout on the LoRA branch (COMFYUI_NOTES 5.2), and it would keep
   a full weight copy per adapted Linear alive for backward;
@@ -54,10 +54,9 @@ class LoraForward:
         down = state.down.get(self.path)
         if down is None or state.scale == 0:
             return out
-        h = x.to(down.dtype)
+        delta = F.linear(F.linear(x.to(down.dtype), down), state.up[self.path])
         if state.dropout_active and state.spec.dropout > 0:
-            h = F.dropout(h, state.spec.dropout, training=True)
-        delta = F.linear(F.linear(h, down), state.up[self.path])
+            delta = F.dropout(delta, state.spec.dropout, training=True)
         return out + (delta * state.scale).to(out.dtype)
 
 

@@ -4,6 +4,9 @@ The SVD UNet has no `add_adapter`, so peft's functional `inject_adapter_in_model
 Linears in place (DIFFUSERS_NOTES 5.1). One adapter at a time; switching LoRAs copies weights into
 the existing wrappers instead of reloading the model. Names cross the boundary as SGM paths
 (`lora.py`'s file format) through `sgm_unet_keys.diffusers_key_to_sgm`.
+
+Dropout acts on the branch output, `dropout(up(down(x)))`, as the official LoRA does: peft's own
+input dropout is replaced by an identity and the up-projection is an `OutputDropoutLinear`.
 """
 
 import re
@@ -29,15 +32,25 @@ def lora_layers(unet) -> Dict[str, torch.nn.Module]:
     return {name: m for name, m in unet.named_modules() if ADAPTER in getattr(m, "lora_A", {})}
 
 
+class OutputDropoutLinear(torch.nn.Linear):
+    """The LoRA up-projection with dropout on its output (same parameters and keys as a Linear)."""
+
+    def __init__(self, in_features: int, out_features: int, p: float):
+        super().__init__(in_features, out_features, bias=False)
+        self.dropout = torch.nn.Dropout(p)
+
+    def forward(self, x):
+        return self.dropout(super().forward(x))
+
+
 def attached_spec(unet) -> Optional[LoraSpec]:
     layers = lora_layers(unet)
     if not layers:
         return None
     first = next(iter(layers.values()))
-    dropout = first.lora_dropout[ADAPTER]
     attn1_only = all(".attn1." in name for name in layers)
     return LoraSpec(rank=first.r[ADAPTER], attn1_only=attn1_only,
-                    dropout=float(getattr(dropout, "p", 0.0)))
+                    dropout=float(first.lora_B[ADAPTER].dropout.p))
 
 
 def attach_lora(unet, spec: LoraSpec, generator: Optional[torch.Generator] = None) -> None:
@@ -49,7 +62,7 @@ def attach_lora(unet, spec: LoraSpec, generator: Optional[torch.Generator] = Non
     from peft import LoraConfig, inject_adapter_in_model
     detach_lora(unet)
     check_rank_fits(spec, module_shapes(unet, spec))
-    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, init_lora_weights=False,
+    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0, init_lora_weights=False,
                         target_modules=target_regex(spec))
     device = next(unet.parameters()).device
     # peft draws its own init from the global RNG; fork it so attaching has no effect on other code.
@@ -58,9 +71,10 @@ def attach_lora(unet, spec: LoraSpec, generator: Optional[torch.Generator] = Non
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     with torch.no_grad():
         for layer in lora_layers(unet).values():
+            down = layer.lora_A[ADAPTER]
+            up = layer.lora_B[ADAPTER] = OutputDropoutLinear(spec.rank, layer.out_features, spec.dropout)
             layer.train(unet.training)  # peft builds its modules in train mode: dropout would act at inference
-            down, up = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
-            down.float(), up.float()  # LoRA weights train in fp32 whatever the base dtype
+            down.float(), up.to(down.weight.device)  # LoRA weights train in fp32 whatever the base dtype
             init = torch.randn(down.weight.shape, generator=generator) / spec.rank
             down.weight.copy_(init.to(down.weight.device))
             up.weight.zero_()
@@ -160,7 +174,7 @@ def lora_training(unet, gradient_checkpointing: bool = False):
 
     The rest of the UNet stays in eval mode (the backend's state); only the LoRA dropout trains.
     """
-    dropouts = [layer.lora_dropout[ADAPTER] for layer in lora_layers(unet).values()]
+    dropouts = [layer.lora_B[ADAPTER].dropout for layer in lora_layers(unet).values()]
     was_checkpointing = bool(getattr(unet, "is_gradient_checkpointing", False))
     for module in dropouts:
         module.train()

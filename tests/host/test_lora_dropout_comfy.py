@@ -1,0 +1,41 @@
+"""The ComfyUI activation-space adapter puts LoRA dropout on the branch output, dropout(up(down(x))),
+as the official LoRA and the diffusers backend do (issue 12; core twin: tests/test_lora_dropout.py).
+
+The Linear is ComfyUI's own op class (what its SVD UNet is built from); the patch is the callable the
+backend installs on its clone. The mask is fixed by seeding the global RNG, dropout's source.
+"""
+
+import torch
+
+from i2vedit_core.backends import comfy_lora
+from i2vedit_core.lora import LoraSpec, motion_lora_from_pairs
+
+P = 0.5
+PATH = "input_blocks.1.1.time_stack.0.attn1.to_q"
+
+
+def test_comfy_dropout_acts_on_the_branch_output():
+    import comfy.ops
+
+    torch.manual_seed(0)
+    module = comfy.ops.disable_weight_init.Linear(6, 10, bias=True)
+    with torch.no_grad():
+        module.weight.normal_(), module.bias.normal_()
+    spec = LoraSpec(rank=4, dropout=P, attn1_only=True)
+    gen = torch.Generator().manual_seed(3)
+    down, up = torch.randn(4, 6, generator=gen), torch.randn(10, 4, generator=gen)
+    state = comfy_lora.LoraState()
+    comfy_lora.load(state, {PATH: module}, motion_lora_from_pairs({PATH: (down, up)}, spec), torch.device("cpu"))
+    forward = comfy_lora.LoraForward(module, PATH, state)
+    x = torch.randn(3, 5, 6, generator=gen)
+    with torch.no_grad():
+        base, branch = module(x), x @ down.T @ up.T
+        state.dropout_active = True  # what the backend's lora_training() switches on
+        torch.manual_seed(7)
+        out = forward(x)
+        torch.manual_seed(7)
+        mask = torch.nn.functional.dropout(torch.ones(branch.shape), P, training=True)
+        torch.testing.assert_close(out, base + branch * mask, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(out, base + branch, atol=1e-3)  # the mask dropped something
+        state.dropout_active = False
+        torch.testing.assert_close(forward(x), base + branch, rtol=1e-5, atol=1e-5)
