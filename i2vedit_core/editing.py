@@ -95,7 +95,7 @@ def edit_clip(backend: SVDBackend, inversion: Inversion, edit_cond: Conditioning
                          "(conditioning.latent_conditioning(embeds, latent, num_frames))")
     steps = len(inversion.sigmas) - 1
     controller = AttentionController(settings.matching, steps, skip_interval=clip0 is not None)
-    generator = torch.Generator(device=edit_cond.image_latents.device).manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)  # CPU, as ComfyUI: a seed means the same on any device
     cond = with_latent_noise(edit_cond, settings.cond_latent_noise, generator)
     cfg_cond = Conditioning.cat(edit_cond.zeros_like(), cond)
     frames = edit_cond.image_latents.shape[1]

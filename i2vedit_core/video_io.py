@@ -27,7 +27,7 @@ def read_video(path, max_frames: Optional[int] = None, stride: int = 1) -> Tuple
                 if max_frames is not None and len(frames) >= max_frames:
                     break
     except (av.error.FFmpegError, IndexError) as err:
-        raise ValueError(f"cannot read {path} as a video ({err}); convert it to mp4 (H.264) first") from None
+        raise ValueError(f"cannot read {path} as a video ({err}); convert it to mp4 (H.264) first") from err
     if len(frames) < 2:
         raise ValueError(f"{path} has {len(frames)} readable frame(s); a video edit needs at least 2")
     return from_uint8(np.stack(frames)), fps
@@ -61,7 +61,7 @@ def read_image(path) -> torch.Tensor:
         with Image.open(path) as image:
             array = np.asarray(image.convert("RGB"))
     except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"cannot read {path} as an image ({err}); use PNG or JPEG") from None
+        raise ValueError(f"cannot read {path} as an image ({err}); use PNG or JPEG") from err
     return from_uint8(array[None])[0]
 
 
