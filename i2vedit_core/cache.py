@@ -17,6 +17,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from safetensors.torch import load_file, save_file
 
+from .files import temp_beside
+
 Entry = Tuple[Dict[str, torch.Tensor], Dict[str, str]]
 
 
@@ -105,10 +107,9 @@ def _check_writable(folder: Path) -> None:
 
 
 def _write_atomically(path: Path, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".partial")
-    os.close(handle)
+    tmp = temp_beside(path)  # mode from the user's umask (mkstemp would give 0600)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        save_file(tensors, str(tmp), metadata=metadata)
         os.replace(tmp, path)
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)

@@ -9,6 +9,7 @@ frame, conditioning latent straight from the final latent: no decode/encode roun
 output has the input's frame count and size; the working size is internal.
 """
 
+import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -27,6 +28,7 @@ from .lora import MotionLora
 from .resolution import Fit, from_working, plan_fit, to_working
 from .stages import cached_inversion, cached_lora
 from .training import TrainingSettings, training_size
+from .validation import check_inputs
 
 Progress = Callable[[dict], None]
 
@@ -105,6 +107,7 @@ class PipelineResult:
     edits: List[VideoEdit]
     timings: Dict[str, float]
     clips: List[range]
+    notes: List[str] = field(default_factory=list)  # what the user should know (also logged)
 
 
 def prepare_video(frames, settings: PipelineSettings = PipelineSettings()) -> PreparedVideo:
@@ -120,7 +123,11 @@ def edit_video(backend, frames, edited_first_frames, settings: PipelineSettings 
                cache: Optional[ArtifactCache] = None, mask: Optional[torch.Tensor] = None) -> PipelineResult:
     """frames: (T, 3, H, W) in [-1, 1], any size. edited_first_frames: (E, 3, H, W) or a list, one per edit,
     the same size as the video. mask: optional (H, W) in [0, 1], 1 = may change (editing.edit_clip
-    gives the exact rule). Returns one VideoEdit per edit."""
+    gives the exact rule). Returns one VideoEdit per edit. Every input is checked before the backend is used
+    (validation.check_inputs: all problems in one InvalidInput)."""
+    check_inputs(frames, edited_first_frames, mask, settings, backend.device)
+    if mask is not None and not bool((torch.as_tensor(mask) > 0).any()):
+        return _unchanged(frames, edited_first_frames, settings)
     settings = settings.resolved()
     video = prepare_video(frames, settings)
     edits = check_edited_frames(edited_first_frames, video.fit)
@@ -263,6 +270,18 @@ def _assemble(clip_frames: List[torch.Tensor], clip_maps: List[torch.Tensor], vi
     maps = torch.cat([m[r.start - c.start:r.stop - c.start] for m, r, c in zip(maps, keep, video.clips)])
     difference = from_working(maps.expand(-1, 3, -1, -1) * 2 - 1, video.fit)[:, :1]
     return VideoEdit(from_working(frames, video.fit), ((difference + 1) / 2).clamp(0, 1))
+
+
+def _unchanged(frames, edited_first_frames, settings: PipelineSettings) -> PipelineResult:
+    """An all-black mask lets nothing change: the source is the result, with no inversion, training or edit."""
+    source = as_frame_batch(frames, "video frames", min_frames=2, size_multiple=1)
+    count = len(as_frame_batch(edited_first_frames, "edited first frames", size_multiple=1))
+    note = ("the mask is all black, so nothing may change: returned the source unchanged (no inversion, training "
+            "or editing); white marks where the edit may change the video")
+    logging.getLogger(__name__).warning(note)
+    maps = torch.zeros(len(source), 1, *source.shape[-2:])
+    return PipelineResult([VideoEdit(source.clone(), maps.clone()) for _ in range(count)], {},
+                          split_clips(len(source), settings.clip_length, settings.overlap), [note])
 
 
 def latent_mask(mask: torch.Tensor, video: PreparedVideo) -> torch.Tensor:

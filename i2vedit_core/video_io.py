@@ -52,17 +52,48 @@ def write_video(path, frames: torch.Tensor, fps: float) -> Path:
 
 
 def read_image(path) -> torch.Tensor:
-    """One RGB image as (3, H, W) in [-1, 1]."""
-    from PIL import Image, UnidentifiedImageError
+    """One RGB image as (3, H, W) in [-1, 1] (docs/RELIABILITY.md "Images"): EXIF orientation applied,
+    16-bit scaled (not clipped), grey and palette expanded to RGB; an alpha channel is dropped where
+    it is fully opaque and refused where it is not."""
+    return torch.from_numpy(read_image_array(path)).permute(2, 0, 1) * 2 - 1
+
+
+def read_mask(path, threshold: float = 0.5) -> torch.Tensor:
+    """A mask image as (H, W) of 0/1: luminance (ITU-R 601 weights) >= threshold = 1 = may change."""
+    rgb = read_image_array(path)
+    luminance = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    return torch.from_numpy((luminance >= threshold).astype(np.float32))
+
+
+def read_image_array(path) -> np.ndarray:
+    """(H, W, 3) float32 in [0, 1]. Every problem is a ValueError naming the file and the fix."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"image not found: {path}")
     try:
         with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as err:
+            return _rgb_array(ImageOps.exif_transpose(image), path)
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"cannot read {path} as an image ({err}); use PNG or JPEG") from err
-    return from_uint8(array[None])[0]
+
+
+def _rgb_array(image, path) -> np.ndarray:
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit grey (PNG, TIFF); "I" read as 16-bit
+        grey = np.asarray(image, dtype=np.float32) / 65535
+        return np.repeat(np.clip(grey, 0, 1)[..., None], 3, axis=-1)
+    if image.mode == "F":
+        grey = np.asarray(image, dtype=np.float32)
+        if not (np.isfinite(grey).all() and grey.min() >= 0 and grey.max() <= 1):
+            raise ValueError(f"{path} is a 32-bit float image with values outside [0, 1]: save it as 8- or 16-bit")
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255
+        if rgba[..., 3].min() < 1:
+            raise ValueError(f"{path} has transparent pixels: flatten it onto a background first "
+                             "(or give the transparent area as --mask)")
+        return rgba[..., :3].copy()
+    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255
 
 
 def write_image(path, frame: torch.Tensor) -> Path:
@@ -75,7 +106,7 @@ def write_image(path, frame: torch.Tensor) -> Path:
 
 def from_uint8(array: np.ndarray) -> torch.Tensor:
     """(T, H, W, 3) uint8 -> (T, 3, H, W) float in [-1, 1]."""
-    return torch.from_numpy(array).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return torch.from_numpy(np.ascontiguousarray(array).astype(np.float32)).permute(0, 3, 1, 2) / 127.5 - 1
 
 
 def to_uint8(frames: torch.Tensor) -> np.ndarray:

@@ -79,7 +79,7 @@ def test_cancel_stops_within_a_step_and_leaves_no_partial_cache(backend, video, 
 
 
 def test_edited_frame_of_another_size(backend, video):
-    with pytest.raises(ValueError, match="edited first frame is 32x32 but the video is 64x64"):
+    with pytest.raises(ValueError, match="edited_first_frames is 32x32 but the video is 64x64"):
         edit_video(backend, video[:6], torch.zeros(1, 3, 32, 32), SETTINGS)
 
 
@@ -99,8 +99,8 @@ def test_all_one_mask_equals_no_mask_and_all_zero_mask_keeps_the_source(backend,
     ones = edit_video(backend, clip, edited(video)[None], MASK_SETTINGS, mask=torch.ones(64, 64)).edits[0].frames
     zeros = edit_video(backend, clip, edited(video)[None], MASK_SETTINGS, mask=torch.zeros(64, 64)).edits[0].frames
     assert torch.equal(ones, plain)
+    assert torch.equal(zeros, clip)  # nothing may change: the source itself, not even a VAE round trip
     source_reconstruction = backend.decode(backend.encode(clip))  # what the unchanged source latent decodes to
-    assert (zeros - source_reconstruction).abs().max() < 1e-4, float((zeros - source_reconstruction).abs().max())
     assert (plain - source_reconstruction).abs().max() > 0.1
 
 

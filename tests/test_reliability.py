@@ -30,6 +30,7 @@ from i2vedit_core.pipeline import (Cancelled, OutOfMemory, PipelineSettings, edi
                                    prepare_video, propagate)
 from i2vedit_core.tiny import synthetic_clip, tiny_backend
 from i2vedit_core.training import TrainingCancelled, TrainingSettings, train_motion_lora
+from i2vedit_core.validation import InvalidInput
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = PipelineSettings(clip_length=3, overlap=1, working_size=(64, 64), inversion=InversionSettings(steps=2),
@@ -187,35 +188,35 @@ MULTIPLE_OF_64 = "multiples of 64: resize or pad them first"
 
 BAD_INPUTS = {
     # frames
-    "mixed_frame_sizes": (_edit(frames=[torch.zeros(3, 64, 64), torch.zeros(3, 64, 128)]), ValueError,
+    "mixed_frame_sizes": (_edit(frames=[torch.zeros(3, 64, 64), torch.zeros(3, 64, 128)]), InvalidInput,
                           "mixed sizes .* resize them all to one size first"),
-    "channels_last_frames": (_edit(frames=torch.zeros(3, 64, 64, 3)), ValueError, r"\(T, 3, H, W\)"),
-    "frames_in_0_255": (_edit(frames=torch.full((3, 3, 64, 64), 200.0)), ValueError, r"convert .* x \* 2 - 1"),
+    "channels_last_frames": (_edit(frames=torch.zeros(3, 64, 64, 3)), InvalidInput, r"\(T, 3, H, W\)"),
+    "frames_in_0_255": (_edit(frames=torch.full((3, 3, 64, 64), 200.0)), InvalidInput, r"convert .* x \* 2 - 1"),
     "frames_not_64_inversion": (lambda b, v, t: invert_clip(b, synthetic_clip(3, 60, 100), InversionSettings(steps=2)),
                                 ValueError, MULTIPLE_OF_64),
     "frames_not_64_training": (lambda b, v, t: train_motion_lora(b, synthetic_clip(2, 64, 100), TrainingSettings(
         steps=1)), ValueError, MULTIPLE_OF_64),
     "working_size_not_64": (lambda b, v, t: prepare_video(v, PipelineSettings(working_size=(60, 100))), ValueError,
                             r"multiples of 64 \(e.g. 1024x576\)"),
-    "one_frame_video": (_edit(frames=synthetic_clip(1)), ValueError, "needs at least 2 frames, got 1"),
-    "nan_in_frames": (lambda b, v, t: _edit(frames=with_value(v, (1, 0, 5, 5), NAN))(b, v, t), ValueError,
+    "one_frame_video": (_edit(frames=synthetic_clip(1)), InvalidInput, "needs at least 2 frames, got 1"),
+    "nan_in_frames": (lambda b, v, t: _edit(frames=with_value(v, (1, 0, 5, 5), NAN))(b, v, t), InvalidInput,
                       "NaN or infinite values; check the node or file"),
-    "inf_in_frames": (lambda b, v, t: _edit(frames=with_value(v, (2, 1, 0, 0), INF))(b, v, t), ValueError,
+    "inf_in_frames": (lambda b, v, t: _edit(frames=with_value(v, (2, 1, 0, 0), INF))(b, v, t), InvalidInput,
                       "NaN or infinite values; check the node or file"),
     # edited first frame
-    "edited_size_differs": (_edit(edit=torch.zeros(1, 3, 32, 32)), ValueError,
+    "edited_size_differs": (_edit(edit=torch.zeros(1, 3, 32, 32)), InvalidInput,
                             "edit frame 0 at the video's own size .or resize it to match."),
-    "edited_batch_of_0": (_edit(edit=torch.zeros(0, 3, 64, 64)), ValueError, "needs at least 1 frames, got 0"),
-    "edited_empty_list": (_edit(edit=[]), ValueError, "is empty: pass at least one frame"),
+    "edited_batch_of_0": (_edit(edit=torch.zeros(0, 3, 64, 64)), InvalidInput, "needs at least 1 frames, got 0"),
+    "edited_empty_list": (_edit(edit=[]), InvalidInput, "is empty: pass at least one frame"),
     "nan_in_edited_frame": (lambda b, v, t: _edit(edit=with_value(edited(v), (0, 0, 3, 3), NAN))(b, v, t),
-                            ValueError, "NaN or infinite values"),
+                            InvalidInput, "NaN or infinite values"),
     # mask
-    "nan_in_mask": (_edit(mask=with_value(torch.ones(64, 64), (3, 3), NAN)), ValueError, r"finite values in \[0, 1\]"),
-    "inf_in_mask": (_edit(mask=with_value(torch.ones(64, 64), (3, 3), INF)), ValueError, r"finite values in \[0, 1\]"),
-    "mask_above_1": (_edit(mask=torch.full((64, 64), 2.0)), ValueError, r"finite values in \[0, 1\]"),
-    "mask_wrong_size": (_edit(mask=torch.ones(32, 32)), ValueError,
+    "nan_in_mask": (_edit(mask=with_value(torch.ones(64, 64), (3, 3), NAN)), InvalidInput, r"finite values in \[0, 1\]"),
+    "inf_in_mask": (_edit(mask=with_value(torch.ones(64, 64), (3, 3), INF)), InvalidInput, r"finite values in \[0, 1\]"),
+    "mask_above_1": (_edit(mask=torch.full((64, 64), 2.0)), InvalidInput, r"finite values in \[0, 1\]"),
+    "mask_wrong_size": (_edit(mask=torch.ones(32, 32)), InvalidInput,
                         "mask is 32x32 but the video is 64x64: give one .H, W. mask at the video's size"),
-    "mask_per_frame": (_edit(mask=torch.ones(3, 64, 64)), ValueError, "give one .H, W. mask at the video's size"),
+    "mask_per_frame": (_edit(mask=torch.ones(3, 64, 64)), InvalidInput, "give one .H, W. mask at the video's size"),
     # clip layout
     "overlap_equals_clip": (lambda b, v, t: PipelineSettings(clip_length=3, overlap=3), ValueError,
                             "lower the overlap"),
