@@ -5,6 +5,7 @@ produced them (frames, settings, model, skip-interval context), so a second edit
 """
 
 import json
+from dataclasses import replace
 from typing import Callable, Optional
 
 import torch
@@ -44,7 +45,9 @@ def cached_inversion(backend, frames: torch.Tensor, settings: InversionSettings,
 def cached_lora(backend, frames: torch.Tensor, settings: TrainingSettings, cache: Optional[ArtifactCache],
                 clip0: Optional[Inversion] = None, progress=None, cancel: Optional[Callable[[], bool]] = None) -> MotionLora:
     """Train (or fetch) the motion LoRA of a clip and leave it attached to the backend."""
-    key = None if cache is None else "lora-" + fingerprint(frames, settings, model_identity(backend),
+    # Checkpointing (the memory policy's) recomputes the same numbers: not part of the key.
+    key = None if cache is None else "lora-" + fingerprint(frames, replace(settings, gradient_checkpointing=False),
+                                                         model_identity(backend),
                                                          None if clip0 is None else clip0.latents[0])
     entry = cache.get(key) if cache is not None else None
     if entry is not None:

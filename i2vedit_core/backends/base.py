@@ -92,5 +92,6 @@ class LoraBackend(Protocol):
     def load_lora(self, lora) -> None:
         """Load a `MotionLora` without reloading the model; ValueError naming its file if it does not fit."""
 
-    def lora_training(self, gradient_checkpointing: bool = False) -> ContextManager:
-        """Context for training: adapter dropout active, optional gradient checkpointing; restored after."""
+    def lora_training(self, gradient_checkpointing=False) -> ContextManager:
+        """Context for training: adapter dropout active, optional gradient checkpointing (False, True or
+        a level count: the layers of `memory.checkpointed_levels`); restored after."""

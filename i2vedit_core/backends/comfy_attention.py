@@ -18,7 +18,7 @@ import torch
 
 from ..attention.site import AttentionSite, BatchLayout
 from .sgm_unet_keys import sgm_key_to_diffusers
-from .twins import downscale, merge_heads, split_heads
+from .twins import merge_heads, split_heads
 
 CONTROLLER_KEY = "i2vedit"
 SPATIAL_SUFFIX = ".transformer_blocks.0.attn1"
@@ -101,10 +101,13 @@ def chunks_for(rows) -> List[int]:
 
 
 def _downscale(path: str, per_block: int, levels: int) -> int:
-    """The SGM block index to a level (input block i is at level (i-1)//per, output block j at j//per)."""
+    """Latent width / layer width."""
+    return 2 ** level_of(path, per_block, levels)
+
+
+def level_of(path: str, per_block: int, levels: int) -> int:
+    """Resolution level (0 = finest) from the SGM block index (input block i is at level (i-1)//per)."""
     block, index = path.split(".")[:2]
     if block == "middle_block":
-        return downscale("mid", 0, levels)
-    if block == "input_blocks":
-        return downscale("down", (int(index) - 1) // per_block, levels)
-    return downscale("up", int(index) // per_block, levels)
+        return levels - 1
+    return (int(index) - 1) // per_block if block == "input_blocks" else levels - 1 - int(index) // per_block

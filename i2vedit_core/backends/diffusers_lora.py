@@ -170,83 +170,16 @@ def _set_enabled(layers, states) -> None:
 
 
 @contextmanager
-def lora_training(unet, gradient_checkpointing: bool = False):
-    """Dropout of the adapter active and, optionally, diffusers' gradient checkpointing, for the duration.
-
-    The rest of the UNet stays in eval mode (the backend's state); only the LoRA dropout trains.
-    """
+def lora_training(unet):
+    """Dropout of the adapter active for the duration; the rest of the UNet stays in eval mode."""
     dropouts = [layer.lora_B[ADAPTER].dropout for layer in lora_layers(unet).values()]
-    was_checkpointing = bool(getattr(unet, "is_gradient_checkpointing", False))
     for module in dropouts:
         module.train()
-    if gradient_checkpointing and not was_checkpointing:
-        unet.enable_gradient_checkpointing()
-        for block in _coarse_blocks(unet):
-            block.gradient_checkpointing = False
-    checkpointed = _checkpoint_transformers(unet) if gradient_checkpointing else []
     try:
         yield
     finally:
         for module in dropouts:
             module.eval()
-        for module in checkpointed:
-            del module.forward  # back to the class's forward
-        if gradient_checkpointing and not was_checkpointing:
-            unet.disable_gradient_checkpointing()
-
-
-def _checkpoint_transformers(unet) -> list:
-    """Recompute the fine-level spatio-temporal transformers in backward instead of keeping their activations.
-
-    diffusers checkpoints the resnets, but its transformer checkpointing only acts in train mode
-    (the UNet stays in eval mode) and never covers the temporal blocks, whose activations dominate.
-    """
-    from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel
-    from torch.utils.checkpoint import checkpoint
-
-    coarse = {id(m) for block in _coarse_blocks(unet) for m in block.modules()}
-    modules = [m for m in unet.modules() if isinstance(m, TransformerSpatioTemporalModel) and id(m) not in coarse]
-    for module in modules:
-        module.forward = _checkpointed(module, module.forward, checkpoint)
-    return modules
-
-
-def _coarse_blocks(unet, fine_levels: int = 2) -> list:
-    """Blocks below the `fine_levels` finest resolutions, left out of checkpointing.
-
-    Per layer a coarser level costs as much compute (4x fewer tokens, 2x wider) but holds a quarter
-    of the activations, so recomputing it buys little memory for its time.
-    """
-    levels = len(unet.down_blocks)
-    down = [b for i, b in enumerate(unet.down_blocks) if i >= fine_levels]
-    up = [b for i, b in enumerate(unet.up_blocks) if levels - 1 - i >= fine_levels]
-    return down + up + [unet.mid_block]
-
-
-def _checkpointed(module, forward, checkpoint):
-    """forward under activation checkpointing, recomputed with the attention processors it ran with.
-
-    Processors are swapped per call by `use_attention` (attention control, skip-interval); backward
-    runs after the call has restored the defaults, so the recompute reinstalls the call's own.
-    """
-    attentions = [m for m in module.modules() if hasattr(m, "set_processor") and hasattr(m, "processor")]
-
-    def call(*args, **kwargs):
-        processors = [m.processor for m in attentions]
-
-        def run(*inner_args, **inner_kwargs):
-            current = [m.processor for m in attentions]
-            for m, p in zip(attentions, processors):
-                m.processor = p
-            try:
-                return forward(*inner_args, **inner_kwargs)
-            finally:
-                for m, p in zip(attentions, current):
-                    m.processor = p
-
-        return checkpoint(run, *args, use_reentrant=False, **kwargs)
-
-    return call
 
 
 def _adapter_params(layer) -> List[torch.nn.Parameter]:
