@@ -154,7 +154,7 @@ def check_schedule(inversion: Inversion, sigmas: torch.Tensor) -> torch.Tensor:
 def noised_conditioning(edit_cond: Conditioning, settings: EditSettings) -> Conditioning:
     """The conditional branch's conditioning: the clean latent plus settings.cond_latent_noise of noise drawn
     from settings.seed (what edit_clip and the I2VEdit Edit Conditioning node give the UNet)."""
-    generator = torch.Generator(device=edit_cond.image_latents.device).manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)  # CPU, as ComfyUI: a seed means the same on any device
     return with_latent_noise(edit_cond, settings.cond_latent_noise, generator)
 
 

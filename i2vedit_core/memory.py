@@ -48,9 +48,9 @@ class MemoryPolicy:
         if isinstance(setting, str) and setting not in CHOICES:
             try:
                 setting = float(setting.lower().removesuffix("gib").removesuffix("gb"))
-            except ValueError:
+            except ValueError as error:
                 raise ValueError(f"memory must be one of {', '.join(CHOICES)} or a GiB budget such as 16, "
-                                 f"got {self.setting!r}") from None
+                                 f"got {self.setting!r}") from error
         if not isinstance(setting, str) and not (isinstance(setting, (int, float)) and not isinstance(setting, bool)
                                                  and math.isfinite(setting) and setting > 0):
             raise ValueError(f"memory must be one of {', '.join(CHOICES)} or a GiB budget > 0, got {self.setting!r}")

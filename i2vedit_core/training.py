@@ -178,10 +178,7 @@ def _skip_interval_denoiser(backend, clip0):
     if not (hasattr(clip0, "latent_at") and hasattr(clip0, "cond")):
         raise ValueError(f"clip0 must be the Inversion of source clip 0 (inversion.invert_clip), got "
                          f"{type(clip0).__name__}")
-    try:
-        from .attention.skip import KVSource, SkipInterval
-    except ImportError:
-        raise NotImplementedError("skip-interval training needs the attention controller") from None
+    from .attention.skip import KVSource, SkipInterval
     return SkipInterval(backend, KVSource.from_inversion(clip0)).denoise
 
 

@@ -55,9 +55,9 @@ class MatchedJob:
 def edit_rows(cond_or_uncond) -> tuple:
     try:
         return tuple(CHUNK_ROLE[int(c)] for c in cond_or_uncond)
-    except KeyError:
+    except KeyError as error:
         raise ValueError(f"I2VEdit Matched Sampler: cond_or_uncond {list(cond_or_uncond)} has entries other than "
-                         "positive (0) and negative (1); use CFGGuider or BasicGuider") from None
+                         "positive (0) and negative (1); use CFGGuider or BasicGuider") from error
 
 
 def edit_wrapper(backend, controller: AttentionController, previous=None):

@@ -46,6 +46,10 @@ class SVDBackend(Protocol):
     device: torch.device
     latent_scale: float  # VAE scaling factor (0.18215 for SVD)
 
+    def identity(self) -> str:
+        """A fingerprint of the weights (not of the Python object): equal for the same model loaded twice,
+        different after any weight change. Cache keys use it; a backend without it cannot be cached."""
+
     def encode(self, frames: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
         """VAE mode of each frame, scaled: (N, 4, H/8, W/8) float32."""
 

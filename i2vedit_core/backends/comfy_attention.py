@@ -18,6 +18,7 @@ import torch
 
 from ..attention.site import AttentionSite, BatchLayout
 from .sgm_unet_keys import sgm_key_to_diffusers
+from .twins import merge_heads, split_heads
 
 CONTROLLER_KEY = "i2vedit"
 SPATIAL_SUFFIX = ".transformer_blocks.0.attn1"
@@ -50,8 +51,8 @@ class ControlledAttn1:
         q, k, v = m.to_q(x), m.to_k(context), m.to_v(context if value is None else value)
         batch, seq, _ = q.shape
         site = self.site_of(options, attention, batch, seq)
-        out = attention(_heads(q, m.heads), _heads(k, m.heads), _heads(v, m.heads), site)
-        return m.to_out(out.transpose(1, 2).reshape(batch, seq, -1).to(q.dtype))
+        out = attention(split_heads(q, m.heads), split_heads(k, m.heads), split_heads(v, m.heads), site)
+        return m.to_out(merge_heads(out, q.dtype))
 
     def site_of(self, options: dict, attention, batch: int, seq: int) -> AttentionSite:
         """This call's site: rows from the pass, frames and token grid from ComfyUI's recorded shapes."""
@@ -97,10 +98,6 @@ def install(patcher, modules: Dict[str, Tuple[torch.nn.Module, AttentionSite]]) 
 def chunks_for(rows) -> List[int]:
     """cond_or_uncond matching the pass's rows, so other packs' patches see the same layout."""
     return [ROLE_CHUNK[role] for role in rows]
-
-
-def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
 
 
 def _downscale(path: str, per_block: int, levels: int) -> int:

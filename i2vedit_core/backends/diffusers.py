@@ -12,10 +12,13 @@ from kornia.geometry.transform import resize
 
 from ..schedule import edm_v_preconditioning
 from .base import Conditioning
-from .diffusers_attention import use_attention
-from . import diffusers_lora
-from .diffusers_checkpointing import checkpointing
-from .diffusers_lora import use_lora_scale
+from .standalone import check_versions
+
+check_versions()  # before anything touches diffusers/peft: a clear message instead of an AttributeError later
+from .diffusers_attention import use_attention  # noqa: E402
+from . import diffusers_lora  # noqa: E402
+from .diffusers_checkpointing import checkpointing  # noqa: E402
+from .diffusers_lora import use_lora_scale  # noqa: E402
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

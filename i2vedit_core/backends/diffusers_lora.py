@@ -17,6 +17,7 @@ import torch
 
 from ..lora import LoraSpec, MotionLora, check_fits, check_rank_fits, motion_lora_from_pairs
 from .sgm_unet_keys import diffusers_key_to_sgm
+from .twins import lora_down_init, lora_generator, needs_fresh_adapter
 
 ADAPTER = "i2vedit_motion"
 
@@ -68,14 +69,14 @@ def attach_lora(unet, spec: LoraSpec, generator: Optional[torch.Generator] = Non
     # peft draws its own init from the global RNG; fork it so attaching has no effect on other code.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         inject_adapter_in_model(config, unet, adapter_name=ADAPTER)
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    generator = lora_generator(generator)
     with torch.no_grad():
         for layer in lora_layers(unet).values():
             down = layer.lora_A[ADAPTER]
             up = layer.lora_B[ADAPTER] = OutputDropoutLinear(spec.rank, layer.out_features, spec.dropout)
             layer.train(unet.training)  # peft builds its modules in train mode: dropout would act at inference
             down.float(), up.to(down.weight.device)  # LoRA weights train in fp32 whatever the base dtype
-            init = torch.randn(down.weight.shape, generator=generator) / spec.rank
+            init = lora_down_init(tuple(down.weight.shape), spec.rank, generator)
             down.weight.copy_(init.to(down.weight.device))
             up.weight.zero_()
             down.weight.requires_grad_(True), up.weight.requires_grad_(True)
@@ -111,7 +112,7 @@ def load_lora(unet, lora: MotionLora) -> None:
     """Put `lora`'s weights into the UNet, attaching an adapter of its shape if the attached one differs."""
     check_fits(lora, module_shapes(unet, lora.spec))
     current = attached_spec(unet)
-    if current is None or not current.same_shape(lora.spec) or current.dropout != lora.spec.dropout:
+    if needs_fresh_adapter(current, lora.spec):
         attach_lora(unet, lora.spec)
     with torch.no_grad():
         for name, layer in lora_layers(unet).items():
