@@ -11,8 +11,6 @@ from typing import Optional
 
 import torch
 
-EVENT = "i2vedit.progress"  # the js extension (js/i2vedit.js) listens for this websocket event
-
 
 def image_to_frames(image: torch.Tensor, name: str) -> torch.Tensor:
     """IMAGE (T, H, W, C) in [0, 1] -> core frames (T, 3, H, W) in [-1, 1] on the CPU."""
@@ -64,10 +62,10 @@ def cancel_check():
 
 
 class NodeProgress:
-    """The core's `progress` callable: ComfyUI progress bar + an `i2vedit.progress` status event.
+    """The core's `progress` callable: ComfyUI progress bar + a status line under the node.
 
-    The event carries stage, clip, step/total, loss and an ETA for the current stage, estimated
-    from the seconds per step seen so far in it.
+    The line (ComfyUI's progress text) carries stage, clip, step/total, loss and an ETA for the current
+    stage, estimated from the seconds per step seen so far in it.
     """
 
     def __init__(self, node_id: Optional[str] = None):
@@ -75,7 +73,8 @@ class NodeProgress:
 
         self.node_id = node_id
         self.bar = comfy.utils.ProgressBar(1, node_id=node_id)
-        self.stage_key, self.stage_started = None, time.perf_counter()
+        self.started = time.perf_counter()
+        self.stage_key, self.stage_started = None, self.started
         self.losses = {}  # clip -> training losses, for the loss curve
 
     def __call__(self, info: dict) -> None:
@@ -90,18 +89,38 @@ class NodeProgress:
         elapsed = time.perf_counter() - self.stage_started
         remaining = (clips - clip) * total - step
         eta = elapsed / step * remaining if step > 0 else None
-        send_status(dict(info, node=self.node_id, eta=eta))
+        send_text(self.node_id, status_text(info, eta))
 
     def finish(self, text: str = "done") -> None:
-        send_status({"node": self.node_id, "stage": text, "step": 1, "total": 1, "clip": 0, "clips": 1})
+        send_text(self.node_id, f"{text} in {minutes(time.perf_counter() - self.started)}")
 
 
-def send_status(data: dict) -> None:
-    """Send a websocket event when ComfyUI's server is running (never import it: in-process runs lack it)."""
+def minutes(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def status_text(info: dict, eta: Optional[float] = None) -> str:
+    """'train · clip 2/3 · step 40/250 · loss 0.0123 · ETA 4:10' (parts that do not apply are left out)."""
+    parts = [info["stage"]]
+    if info.get("clips", 1) > 1:
+        parts.append(f"clip {info['clip'] + 1}/{info['clips']}")
+    if info.get("total", 1) > 1:
+        parts.append(f"step {info['step']}/{info['total']}")
+    if "loss" in info:
+        parts.append(f"loss {float(info['loss']):.4f}")
+    if eta is not None:
+        parts.append(f"ETA {minutes(eta)}")
+    return " · ".join(parts)
+
+
+def send_text(node_id: Optional[str], text: str) -> None:
+    """Show text under the node (ComfyUI's progress text) when ComfyUI's server runs; in-process runs lack it,
+    so the server module is looked up, never imported."""
     server = sys.modules.get("server")
     instance = getattr(getattr(server, "PromptServer", None), "instance", None)
-    if instance is not None:
-        instance.send_sync(EVENT, data, getattr(instance, "client_id", None))
+    if instance is not None and node_id is not None:
+        instance.send_progress_text(text, node_id, getattr(instance, "client_id", None))
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from i2vedit_core.files import StagedFiles
 from i2vedit_core.lora import load_motion_lora, save_motion_lora
 
 from .artifacts import MotionLoras
+from .host import node_id, send_text
 from .types import CATEGORY, MotionLora
 
 NAME = re.compile(r"^[A-Za-z0-9_\-. ]+$")
@@ -116,13 +117,14 @@ class SaveMotionLoraNode(io.ComfyNode):
                                      tooltip="Replace existing files of that name instead of stopping with an "
                                              "error. Either way every clip's file is written, or none.")],
             outputs=[io.String.Output(display_name="files")],
-            is_output_node=True)
+            is_output_node=True, hidden=[io.Hidden.unique_id])
 
     @classmethod
     def execute(cls, motion_lora, name, overwrite) -> io.NodeOutput:
         folder = loras_folder()
         paths = save_series(motion_lora, name, overwrite, folder)
         names = "\n".join(os.path.relpath(p, folder) for p in paths)
+        send_text(node_id(cls), "saved:\n" + names)
         return io.NodeOutput(names, ui=ui.PreviewText(names))
 
 

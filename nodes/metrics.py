@@ -6,7 +6,7 @@ from comfy_api.latest import io, ui
 
 from i2vedit_core.metrics import video_report
 
-from .host import image_to_frames, mask_to_frames
+from .host import image_to_frames, mask_to_frames, node_id, send_text
 from .plots import bar_chart
 from .types import CATEGORY
 
@@ -42,7 +42,7 @@ class MetricsNode(io.ComfyNode):
                                   tooltip="Optional MASK of the edited area (1 = edited); outside it is compared "
                                           "with the source.")],
             outputs=[io.String.Output(display_name="report"), io.Image.Output(display_name="plot")],
-            is_output_node=True)
+            is_output_node=True, hidden=[io.Hidden.unique_id])
 
     @classmethod
     def execute(cls, source, output, edited_first_frame=None, mask=None) -> io.NodeOutput:
@@ -54,4 +54,5 @@ class MetricsNode(io.ComfyNode):
         weights = None if mask is None else mask_to_frames(mask, src)
         report = video_report(src, out, edited, weights)
         text = report_text(report)
+        send_text(node_id(cls), text.rsplit("\n", 1)[0])  # the lines without the JSON copy
         return io.NodeOutput(text, report_chart(report), ui=ui.PreviewText(text))

@@ -19,13 +19,16 @@ PRESET_NAMES = ["local", "style", "shape", "custom"]
 
 
 def matching_inputs():
-    """Widgets of matched editing, shared with the all-in-one node. The js fills beta1/beta2 from the preset."""
+    """Widgets of matched editing, shared with the all-in-one node. The js fills beta1/beta2 from the preset,
+    reading the core's table from the preset input's definition (its only copy)."""
     local = PRESETS["local"]
+    preset = io.Combo.Input("preset", options=PRESET_NAMES, default="local",
+                            tooltip="How long the edit follows the source's temporal attention. local: object "
+                                    "edits (0.5/0.8); style: restyling, keeps motion longest (0.8/0.9); shape: edits "
+                                    "that change shape (0.4/0.5); custom: use beta1/beta2 below.")
+    preset.extra_dict["presets"] = {name: list(betas) for name, betas in PRESETS.items()}  # js/i2vedit.js reads it
     return [
-        io.Combo.Input("preset", options=PRESET_NAMES, default="local",
-                       tooltip="How long the edit follows the source's temporal attention. local: object edits "
-                               "(0.5/0.8); style: restyling, keeps motion longest (0.8/0.9); shape: edits that "
-                               "change shape (0.4/0.5); custom: use beta1/beta2 below."),
+        preset,
         io.Float.Input("beta1", default=local[0], min=0.0, max=1.0, step=0.01,
                        tooltip="Fraction of the steps during which every temporal layer copies the source's "
                                "attention (used when preset is custom)."),

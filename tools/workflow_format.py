@@ -76,13 +76,19 @@ def live_definitions(pack: Path) -> Dict[str, NodeDef]:
 def preload_comfy_utils() -> None:
     """Import ComfyUI's `utils` package first: comfy_extras put `comfy/utils.py` in sys.modules as `utils`
     otherwise, and then nodes_images (ImageFromBatch, ...) fails on `utils.install_util` (main.py imports
-    the server early and never sees this)."""
+    the server early and never sees this). Also stands in for `requests` where it is missing (below)."""
     import importlib
     import importlib.util
     import sys
+    import types
 
     import comfy.model_patcher
 
+    if importlib.util.find_spec("requests") is None:
+        # ComfyUI v0.3.64 imports `requests` (app/frontend_management.py, reached through `server`, which
+        # nodes_images imports) without listing it in requirements.txt, and uses it only to download other
+        # front-end versions. Where the environment lacks it, an empty module keeps the registry complete.
+        sys.modules.setdefault("requests", types.ModuleType("requests"))
     loaded = sys.modules.get("utils")
     if loaded is None or not hasattr(loaded, "__path__"):
         folder = Path(comfy.model_patcher.__file__).resolve().parents[1] / "utils"
@@ -117,12 +123,27 @@ def _check_node(node: dict, definitions) -> List[str]:
     values = node.get("widgets_values", [])
     if len(values) != expected:
         problems.append(f"node {node['id']} ({kind}): {len(values)} widget values, the node has {expected}")
+    else:
+        problems += _check_choices(node, definition)
     for slot in node.get("inputs", []):
         if slot["name"] not in {s.name for s in definition.inputs}:
             problems.append(f"node {node['id']} ({kind}): no input named {slot['name']!r}")
     if len(node.get("outputs", [])) > len(definition.outputs):
         problems.append(f"node {node['id']} ({kind}): {len(node['outputs'])} outputs, the node has "
                         f"{len(definition.outputs)}")
+    return problems
+
+
+def _check_choices(node: dict, definition: NodeDef) -> List[str]:
+    """Combo values against the node's choices, except file names (what a user's folders hold varies)."""
+    problems, index = [], 0
+    for slot in definition.widgets:
+        value = node["widgets_values"][index]
+        index += slot.values
+        a_file = "." in str(value) or any("." in str(option) for option in slot.options)
+        if slot.type == "COMBO" and not a_file and value not in slot.options:
+            problems.append(f"node {node['id']} ({node['type']}): {slot.name}={value!r} is not one of "
+                            f"{list(slot.options)}")
     return problems
 
 
@@ -141,3 +162,23 @@ def _check_link(link, nodes, definitions) -> List[str]:
         problems.append(f"link {link_id}: {source['type']} output {out_type} into {target['type']}."
                         f"{target_input['name']} ({in_type})")
     return problems
+
+
+def api_prompt(workflow: dict, definitions: Dict[str, NodeDef]) -> Dict[str, dict]:
+    """The API-format prompt that queuing a UI-format workflow sends: widget values by name (a seed's control
+    and an upload button's value left out), linked inputs as [node id, output slot]; Notes dropped."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in UI_ONLY:
+            continue
+        inputs, values = {}, list(node.get("widgets_values", []))
+        for slot in definitions[node["type"]].widgets:
+            inputs[slot.name] = values[0]
+            values = values[slot.values:]
+        for slot in node.get("inputs", []):
+            if slot.get("link") is not None:
+                link = links[slot["link"]]
+                inputs[slot["name"]] = [str(link[1]), link[2]]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt

@@ -38,10 +38,13 @@ class StubServer:
     sockets_metadata = {}
 
     def __init__(self):
-        self.events = []
+        self.events, self.texts = [], []
 
     def send_sync(self, event, data, sid=None):
         self.events.append((event, data))
+
+    def send_progress_text(self, text, node_id, sid=None):
+        self.texts.append((node_id, text))
 
     def queue_updated(self):
         pass
@@ -114,15 +117,17 @@ def graph():
     }
 
 
-def test_graph_runs_end_to_end(comfy_nodes):
+def test_graph_runs_end_to_end(comfy_nodes, monkeypatch):
     import execution
+    import server as comfy_server
 
     prompt = graph()
+    server = StubServer()
+    monkeypatch.setattr(comfy_server.PromptServer, "instance", server, raising=False)  # as a running ComfyUI has
 
     async def run():
         valid = await execution.validate_prompt("p1", prompt, None)
         assert valid[0], valid[1:]
-        server = StubServer()
         executor = execution.PromptExecutor(server)
         await executor.execute_async(prompt, "p1", {}, valid[2])
         return executor, server
@@ -136,6 +141,14 @@ def test_graph_runs_end_to_end(comfy_nodes):
     assert all((comfy_nodes["loras"] / name).is_file() for name in saved)
     assert "warp_error" in outputs["9"]["text"][0]
     assert len(outputs["10"]["images"]) == 3  # the difference map has the video's 3 frames
+    # Node text through ComfyUI's progress text, shown under the node by the front-end.
+    texts = {}
+    for node, text in server.texts:
+        texts.setdefault(node, []).append(text)
+    assert texts["6"][0].startswith("train · clip 1/2") and texts["6"][-1].startswith("done in ")
+    assert "edit · clip 2/2 · step 1/2 · ETA" in "\n".join(texts["8"]) and texts["8"][-1].startswith("done in ")
+    assert texts["7"] == ["saved:\n" + "\n".join(saved)]
+    assert texts["9"][0].splitlines()[0].startswith("warp_error: ") and "{" not in texts["9"][0]
 
 
 def test_inversion_sampler_matches_stock_euler_on_flipped_sigmas(comfy_nodes, comfy_parts):
