@@ -103,7 +103,7 @@ def _check_writable(folder: Path) -> None:
             pass
     except OSError as err:
         raise ValueError(f"cache folder {folder} is not writable ({err.strerror}); "
-                         "choose another folder or run without a cache folder") from None
+                         "choose another folder or run without a cache folder") from err
 
 
 def _write_atomically(path: Path, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
@@ -114,7 +114,7 @@ def _write_atomically(path: Path, tensors: Dict[str, torch.Tensor], metadata: Di
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
         raise ValueError(f"could not write the cache entry {path} ({err.strerror}); "
-                         "free disk space or choose another cache folder") from None
+                         "free disk space or choose another cache folder") from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

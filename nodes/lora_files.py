@@ -12,7 +12,7 @@ from typing import List
 from comfy_api.latest import io, ui
 
 from i2vedit_core.files import StagedFiles
-from i2vedit_core.lora import load_motion_lora, save_motion_lora
+from i2vedit_core.lora import load_motion_lora, save_motion_lora, series_names
 
 from .artifacts import MotionLoras
 from .host import node_id, send_text
@@ -42,10 +42,7 @@ def safe_relative_name(name: str) -> Path:
 
 
 def series_paths(folder: Path, relative: Path, count: int) -> List[Path]:
-    if count == 1:
-        return [folder / relative.with_name(relative.name + ".safetensors")]
-    return [folder / relative.with_name(f"{relative.name}_clip{k + 1:02d}of{count:02d}.safetensors")
-            for k in range(count)]
+    return [folder / relative.with_name(name) for name in series_names(relative.name, count)]
 
 
 def save_series(loras: MotionLoras, name: str, overwrite: bool, folder: Path) -> List[Path]:

@@ -46,6 +46,10 @@ class SVDBackend(Protocol):
     device: torch.device
     latent_scale: float  # VAE scaling factor (0.18215 for SVD)
 
+    def identity(self) -> str:
+        """A fingerprint of the weights (not of the Python object): equal for the same model loaded twice,
+        different after any weight change. Cache keys use it; a backend without it cannot be cached."""
+
     def encode(self, frames: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
         """VAE mode of each frame, scaled: (N, 4, H/8, W/8) float32."""
 
@@ -88,5 +92,6 @@ class LoraBackend(Protocol):
     def load_lora(self, lora) -> None:
         """Load a `MotionLora` without reloading the model; ValueError naming its file if it does not fit."""
 
-    def lora_training(self, gradient_checkpointing: bool = False) -> ContextManager:
-        """Context for training: adapter dropout active, optional gradient checkpointing; restored after."""
+    def lora_training(self, gradient_checkpointing=False) -> ContextManager:
+        """Context for training: adapter dropout active, optional gradient checkpointing (False, True or
+        a level count: the layers of `memory.checkpointed_levels`); restored after."""
