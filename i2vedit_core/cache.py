@@ -17,7 +17,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import temp_beside
+from .files import publish, temp_beside
 
 Entry = Tuple[Dict[str, torch.Tensor], Dict[str, str]]
 
@@ -103,18 +103,18 @@ def _check_writable(folder: Path) -> None:
             pass
     except OSError as err:
         raise ValueError(f"cache folder {folder} is not writable ({err.strerror}); "
-                         "choose another folder or run without a cache folder") from None
+                         "choose another folder or run without a cache folder") from err
 
 
 def _write_atomically(path: Path, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
     tmp = temp_beside(path)  # mode from the user's umask (mkstemp would give 0600)
     try:
         save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
         raise ValueError(f"could not write the cache entry {path} ({err.strerror}); "
-                         "free disk space or choose another cache folder") from None
+                         "free disk space or choose another cache folder") from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

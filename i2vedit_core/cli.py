@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .presets import NUMERICS
 from .validation import CLI, NAME, InvalidInput, Problems, check_inputs, check_settings
 
 PRESETS = ("local", "style", "shape")
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
            "shape = edits that change shape")
     a("--beta", type=float, nargs=2, metavar=("B1", "B2"),
       help="temporal attention stages as fractions of the steps, 0 <= B1 <= B2 <= 1 (overrides --preset)")
-    a("--numerics", choices=("default", "official"), default="default",
+    a("--numerics", choices=NUMERICS, default="default",
       help="official: the official code's numerical choices where they differ from ours (docs/FIDELITY.md)")
     a("--thr", type=float, nargs=2, metavar=("FIRST", "LAST"), default=(0.35, 0.35),
       help="spatial matching threshold in [0, 1] at the first and last frame of a clip (higher keeps more source)")
@@ -80,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-frames", type=int, help="read at most this many frames (after --stride)")
     a("--stride", type=int, default=1, help="use every n-th frame of the video")
     a("--fps", type=float, help="output frame rate (default: the input's, divided by --stride)")
-    a("--low-vram", action="store_true", help="fit a 24 GB GPU (slower training)")
+    a("--memory", default="auto",
+      help="memory policy: auto (from the GPU's free memory), fast, 24gb, 12gb, or a GiB budget such as 16; lower "
+           "settings checkpoint more of training, decode fewer frames at a time and offload the VAE and CLIP")
     a("--cache", help="folder caching inversions and motion LoRAs: a second edit of the same video skips both")
     a("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
       help="model precision; auto = fp32 on CPU (fp16 is about 2x slower there), fp16 on CUDA")
@@ -241,12 +244,13 @@ def settings_from(args, tiny: bool = False):
         fit=args.fit, inversion=InversionSettings(steps=args.steps, seed=args.seed), training=training,
         edit=EditSettings(matching=MatchSettings(thresholds=tuple(args.thr), temporal=temporal),
                           min_guidance=args.guidance[0], max_guidance=args.guidance[1], seed=args.seed),
-        low_vram=args.low_vram)
-    return with_numerics(settings, getattr(args, "numerics", "default"))
+        memory=args.memory)
+    return with_numerics(settings, args.numerics)
 
 
 def run(backend, frames, edited, mask, settings, args, fps, names, demo: bool) -> int:
     from .cache import ArtifactCache
+    from .distributed import rank
     from .files import StagedFiles
     from .metrics import video_report
     from .pipeline import edit_video
@@ -256,6 +260,8 @@ def run(backend, frames, edited, mask, settings, args, fps, names, demo: bool) -
     cache = ArtifactCache(args.cache) if args.cache else None
     started = time.perf_counter()
     result = edit_video(backend, frames, edited, settings, progress=ProgressLine(), cache=cache, mask=mask)
+    if rank() != 0:  # a torchrun rank other than 0 worked on clips; rank 0 writes the outputs
+        return 0
     for note in getattr(result, "notes", ()):
         print(f"note: {note}")
     seams = [clip.start + settings.overlap for clip in result.clips[1:]]

@@ -71,5 +71,5 @@ def with_latent_noise(cond: Conditioning, strength: float, generator: Optional[t
 
 
 def _randn(shape, generator: Optional[torch.Generator], device) -> torch.Tensor:
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    return torch.randn(shape, generator=generator, device=gen_device).to(device)
+    """Drawn on the CPU (a CPU generator, as ComfyUI's), then moved: a seed gives the same noise on any device."""
+    return torch.randn(shape, generator=generator).to(device)

@@ -20,9 +20,11 @@ from .attention.controller import CFG_ROWS
 from .backends.base import Conditioning, SVDBackend
 from .conditioning import with_latent_noise
 from .inversion import Inversion
-from .sampling import StepCallback, denoise
+from .sampling import StepCallback, sample_matched
 from .schedule import nearest_sigma_index
 from .skip import KVSource
+
+SIGMA_TOLERANCE = 0.02  # |log sigma - log inversion sigma| allowed between a host's schedule and the inversion
 
 
 @dataclass(frozen=True)
@@ -84,10 +86,11 @@ class EditedClip0:
         own = AttentionController(settings.matching, steps)
         own.begin_step(step)
         try:
-            _source_forward(backend, own, self.inversion, steps - step - settings.source_step_offset, None)
+            source_forward(backend, own, self.inversion, steps - step - settings.source_step_offset, None)
             x = self.edit.latents[step]
             with torch.no_grad():
-                backend.denoise(torch.cat([x, x]), sigma, self.edit.cond, attention=own.edit_pass(CFG_ROWS, controller),
+                backend.denoise(torch.cat([x, x]), sigma, self.edit.cond,
+                                attention=own.edit_pass(CFG_ROWS, kv_into=controller),
                                 lora_scale=self.edit.lora_scale, lora_slot=self.lora_slot)
         finally:
             own.end()
@@ -124,23 +127,21 @@ def edit_clip(backend: SVDBackend, inversion: Inversion, edit_cond: Conditioning
                          "(conditioning.latent_conditioning(embeds, latent, num_frames))")
     steps = len(inversion.sigmas) - 1
     controller = AttentionController(settings.matching, steps, skip_interval=clip0 is not None)
-    generator = torch.Generator(device=edit_cond.image_latents.device).manual_seed(settings.seed)
-    cond = with_latent_noise(edit_cond, settings.cond_latent_noise, generator)
-    cfg_cond = Conditioning.cat(edit_cond.zeros_like(), cond)
+    cfg_cond = Conditioning.cat(edit_cond.zeros_like(), noised_conditioning(edit_cond, settings))
     frames = edit_cond.image_latents.shape[1]
     guidance = torch.linspace(settings.min_guidance, settings.max_guidance, frames).view(1, frames, 1, 1, 1)
     trajectory = []
 
     keep = None if mask is None else mask.to(inversion.latents).view(1, 1, 1, *mask.shape[-2:])
 
-    def model(x, sigma, step):
-        if keep is not None:
-            x = keep * x + (1 - keep) * inversion.latents[steps - step]
-        trajectory.append(x)
+    def before_step(step, sigma):
         controller.begin_step(step)
-        _source_forward(backend, controller, inversion, steps - step - settings.source_step_offset, clip0)
+        source_forward(backend, controller, inversion, steps - step - settings.source_step_offset, clip0)
         if clip0 is not None:
             clip0.edit.capture(backend, controller, sigma, step)
+
+    def model(x, sigma):
+        trajectory.append(x)
         denoised = backend.denoise(torch.cat([x, x]), sigma, cfg_cond, attention=controller.edit_pass(CFG_ROWS),
                                    lora_scale=lora_scale)
         controller.release()
@@ -152,18 +153,43 @@ def edit_clip(backend: SVDBackend, inversion: Inversion, edit_cond: Conditioning
             callback(dict(info, masks=dict(controller.buffer.masks),
                           temporal_source=set(controller.buffer.temporal_source)))
 
-    sigmas = torch.cat([inversion.sigmas[1:].flip(0), torch.zeros(1, dtype=inversion.sigmas.dtype)])
+    sigmas = edit_sigmas(inversion)
     try:
-        latent = denoise(model, inversion.noise, sigmas, callback=report)
+        latent = sample_matched(model, inversion.noise, sigmas, callback=report, before_step=before_step, keep=keep,
+                                source=None if keep is None else lambda i: inversion.latents[steps - i])
     finally:
         controller.end()
-    if keep is not None:
-        latent = keep * latent + (1 - keep) * inversion.latents[0]
     return EditResult(latent, sigmas, torch.stack(trajectory), cfg_cond, controller.maps, settings, lora_scale)
 
 
-def _source_forward(backend, controller: AttentionController, inversion: Inversion, index: int,
-                    clip0: Optional[Clip0]) -> None:
+def edit_sigmas(inversion: Inversion) -> torch.Tensor:
+    """The inversion's sigmas descending, then 0: step i starts at inversion.latents[steps - i]'s sigma."""
+    return torch.cat([inversion.sigmas[1:].flip(0), torch.zeros(1, dtype=inversion.sigmas.dtype)])
+
+
+def check_schedule(inversion: Inversion, sigmas: torch.Tensor) -> torch.Tensor:
+    """A host's descending schedule checked against the inversion's; returns `edit_sigmas(inversion)`, so that
+    step i is exactly the inversion's step (no nearest-sigma search per step)."""
+    expected = edit_sigmas(inversion)
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
+    if len(sigmas) == len(expected) and float(sigmas[-1]) == 0 and bool((sigmas[:-1] > 0).all()):
+        if float((sigmas[:-1].log() - expected[:-1].log()).abs().max()) <= SIGMA_TOLERANCE:
+            return expected
+    stored = ", ".join(f"{float(s):.4g}" for s in expected[:-1])
+    raise ValueError(f"the schedule ({', '.join(f'{float(s):.4g}' for s in sigmas)}) is not the inversion's ({stored}, "
+                     f"0): use KarrasScheduler with the inversion's steps ({len(expected) - 1}), sigma_max 700, "
+                     "sigma_min 0.002, rho 7, denoise 1.0, and no FlipSigmas")
+
+
+def noised_conditioning(edit_cond: Conditioning, settings: EditSettings) -> Conditioning:
+    """The conditional branch's conditioning: the clean latent plus settings.cond_latent_noise of noise drawn
+    from settings.seed (what edit_clip and the I2VEdit Edit Conditioning node give the UNet)."""
+    generator = torch.Generator().manual_seed(settings.seed)  # CPU, as ComfyUI: a seed means the same on any device
+    return with_latent_noise(edit_cond, settings.cond_latent_noise, generator)
+
+
+def source_forward(backend, controller: AttentionController, inversion: Inversion, index: int,
+                   clip0: Optional[Clip0]) -> None:
     """Base model on the stored source latent inversion.latents[index] at its own sigma (capture)."""
     matching = controller.settings
     if not (matching.match_spatial or matching.match_temporal):

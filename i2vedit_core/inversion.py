@@ -67,7 +67,7 @@ def invert_clip(backend: SVDBackend, frames: torch.Tensor, settings: InversionSe
     every temporal attn1 also attends to clip 0's K/V, recomputed from its latent at the same sigma.
     """
     frames = as_frame_batch(frames, "source clip", min_frames=2).to(backend.device)
-    generator = torch.Generator(device=backend.device).manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)  # CPU, as ComfyUI: a seed means the same on any device
     # One SARP draw covers the clip and its conditioning copies of frame 0, as in the official code;
     # draws in its order: SARP, VAE posterior, conditioning noise.
     copies = 2 if settings.cond_8bit else 1

@@ -12,7 +12,7 @@ import json
 import os
 import pickle
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -114,6 +114,14 @@ def clip_fingerprint(frames: torch.Tensor) -> str:
 
 # --- files -------------------------------------------------------------------------------------
 
+def series_names(stem: str, count: int) -> List[str]:
+    """File names of a video's motion LoRAs: `stem.safetensors` for one clip, else `stem_clip01of03.safetensors`, ...
+    (what I2VEdit Save Motion LoRA writes and Load Motion LoRA reads back as one series)."""
+    if count == 1:
+        return [f"{stem}.safetensors"]
+    return [f"{stem}_clip{k + 1:02d}of{count:02d}.safetensors" for k in range(count)]
+
+
 def save_motion_lora(lora: MotionLora, path: str) -> None:
     from safetensors.torch import save_file
     check_consistent(lora)
@@ -154,10 +162,10 @@ def load_official_lora(path: str, sites: Sequence[str] = SVD_TEMPORAL_SITES) -> 
         items = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise ValueError(f"motion LoRA '{path}' is a pickle that holds more than tensors; it is refused "
-                         f"(only weights-only loading is allowed): convert it to safetensors ({error})") from None
+                         f"(only weights-only loading is allowed): convert it to safetensors ({error})") from error
     except Exception as error:  # zip/pickle parse errors come in many types
         raise ValueError(f"motion LoRA '{path}' is corrupt or truncated: could not read it as a torch file "
-                         f"({type(error).__name__}: {error})") from None
+                         f"({type(error).__name__}: {error})") from error
     expected = 2 * len(TEMPORAL_LINEARS) * len(sites)
     if not isinstance(items, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in items):
         raise ValueError(f"motion LoRA '{path}' holds a {type(items).__name__}, not the official positional list "
@@ -181,7 +189,7 @@ def _load_safetensors(path: str) -> MotionLora:
             weights = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as error:  # safetensors raises its own error type for bad headers and short files
         raise ValueError(f"motion LoRA '{path}' is corrupt or truncated, or not a safetensors file "
-                         f"({type(error).__name__}: {error})") from None
+                         f"({type(error).__name__}: {error})") from error
     weights = {k: v.float() for k, v in weights.items()}
     spec = _spec_from_weights(weights, metadata, path)
     lora = MotionLora(spec, weights, {k: v for k, v in metadata.items() if k not in _SPEC_METADATA}, path)
@@ -271,7 +279,7 @@ def _spec_from_weights(weights: Mapping[str, torch.Tensor], metadata: Mapping[st
         dropout = float(metadata.get("dropout", LoraSpec.dropout))
         spec = LoraSpec(rank=int(down.shape[0]), attn1_only=attn1_only, dropout=dropout)
     except (TypeError, ValueError) as error:
-        raise ValueError(f"motion LoRA '{source}' has unusable metadata or shapes: {error}") from None
+        raise ValueError(f"motion LoRA '{source}' has unusable metadata or shapes: {error}") from error
     if "rank" in metadata and metadata["rank"] != str(spec.rank):
         raise ValueError(f"motion LoRA '{source}' says rank {metadata['rank']} but holds rank-{spec.rank} "
                          "tensors: the file is damaged")

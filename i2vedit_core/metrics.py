@@ -2,7 +2,8 @@
 
 Frames are (T, 3, H, W) in [-1, 1]; values are reported on the [0, 1] scale. Learned metrics
 (CLIP, RAFT, LPIPS) need downloaded weights, so none is used. Optical flow comes from OpenCV's
-DIS estimator when `opencv-python-headless` is installed (an optional extra).
+DIS estimator (`opencv-python-headless`, in requirements.txt; any OpenCV build with DIS works).
+Without it the warp error is None and the report's "not_computed" says why and how to fix it.
 """
 
 import math
@@ -54,14 +55,23 @@ def flicker(frames: torch.Tensor, sigma: float = 3.0) -> float:
     return float((low[1:] - low[:-1]).abs().mean())
 
 
+def warp_error_unavailable() -> Optional[str]:
+    """Why the warp error cannot be computed here (no usable OpenCV), or None when it can."""
+    try:
+        import cv2
+    except ImportError as error:
+        return f"needs OpenCV's optical flow, which is not importable ({error}): pip install opencv-python-headless"
+    if not hasattr(cv2, "DISOpticalFlow_create"):
+        return f"OpenCV {getattr(cv2, '__version__', '?')} has no DIS optical flow: pip install opencv-python-headless>=4.8"
+    return None
+
+
 def warp_error(frames: torch.Tensor, occlusion_threshold: float = 1.0) -> Optional[float]:
     """Mean L1 between frame t and frame t+1 warped back by optical flow, occlusions masked out.
 
-    None when OpenCV is not installed.
+    None when OpenCV is not usable (`warp_error_unavailable` says why).
     """
-    try:
-        import cv2  # noqa: F401
-    except ImportError:
+    if warp_error_unavailable() is not None:
         return None
     if len(frames) < 2:
         return 0.0
@@ -77,8 +87,12 @@ def seam_colour_drift(frames: torch.Tensor, seams: Sequence[int]) -> float:
 
 
 def video_report(source: torch.Tensor, output: torch.Tensor, edited_first: Optional[torch.Tensor] = None,
-                 mask: Optional[torch.Tensor] = None, seams: Sequence[int] = ()) -> Dict[str, Optional[float]]:
-    """All metrics of an edit, each next to the source's own value where that normalises for real motion."""
+                 mask: Optional[torch.Tensor] = None, seams: Sequence[int] = ()) -> Dict[str, object]:
+    """All metrics of an edit, each next to the source's own value where that normalises for real motion.
+
+    Values are floats; a metric that cannot be computed here is None and named, with the reason, in
+    report["not_computed"] (present only then).
+    """
     if mask is None and edited_first is not None:
         mask = edit_mask_from_first_frame(source[0], edited_first)
     keep = None if mask is None else 1 - mask
@@ -90,6 +104,9 @@ def video_report(source: torch.Tensor, output: torch.Tensor, edited_first: Optio
     }
     if edited_first is not None:
         report["first_frame_psnr"] = psnr(output[:1], edited_first[None])
+    reason = warp_error_unavailable()
+    if reason is not None:
+        report["not_computed"] = {"warp_error": reason, "warp_error_source": reason}
     return report
 
 

@@ -25,6 +25,7 @@ from .editing import Clip0, EditResult, EditSettings, edit_clip
 from .frames import as_frame_batch
 from .inversion import Inversion, InversionSettings
 from .lora import MotionLora
+from .memory import MemoryPlan, MemoryPolicy, as_policy, oom_advice
 from .resolution import Fit, from_working, plan_fit, to_working
 from .stages import cached_inversion, cached_lora
 from .training import TrainingSettings, training_size
@@ -43,17 +44,14 @@ class OutOfMemory(torch.cuda.OutOfMemoryError):
 
 
 @contextmanager
-def memory_hint(stage: str, low_vram: bool):
-    """Re-raise a GPU OOM inside `stage` as OutOfMemory naming the settings that lower the peak."""
+def memory_hint(stage: str, plan: MemoryPlan):
+    """Re-raise a GPU OOM inside `stage` as OutOfMemory naming the next memory setting down."""
     try:
         yield
     except torch.cuda.OutOfMemoryError as error:
         if isinstance(error, OutOfMemory):
             raise
-        first = ("" if low_vram else "switch on low-VRAM mode (PipelineSettings(low_vram=True), the nodes' "
-                 "low_vram switch), or ")
-        raise OutOfMemory(f"out of GPU memory during {stage}: {first}use a smaller working size (e.g. 768x448) "
-                          "or fewer frames per clip, and close other GPU work") from error
+        raise OutOfMemory(f"out of GPU memory during {stage}: {oom_advice(plan)}") from error
 
 
 @dataclass(frozen=True)
@@ -67,21 +65,29 @@ class PipelineSettings:
     edit: EditSettings = field(default_factory=EditSettings)
     micro: MicroConditioning = field(default_factory=MicroConditioning)  # of the edit (fps id 6)
     skip_interval: Optional[bool] = None     # None: on when the video has several clips
-    decode_chunk: int = 8
-    low_vram: bool = False                   # activation checkpointing in training, decode 2 frames at a time
+    memory: MemoryPolicy = MemoryPolicy()    # "auto", "fast", "24gb", "12gb" or a GiB budget (memory.py)
+    paste_source: bool = True                # with a mask: the source's own pixels outside it (keep_source_outside)
 
     def __post_init__(self):
         # The clip layout is checked again by split_clips; checking here makes a bad setting fail at once.
         split_clips(self.clip_length, self.clip_length, self.overlap)
-        if not (isinstance(self.decode_chunk, int) and self.decode_chunk >= 1):
-            raise ValueError(f"decode_chunk must be a positive frame count (default 8), got {self.decode_chunk!r}")
+        object.__setattr__(self, "memory", as_policy(self.memory))  # a plain "24gb" or 16 is accepted too
 
-    def resolved(self) -> "PipelineSettings":
-        """The settings actually run: low_vram switches on what it stands for."""
-        if not self.low_vram:
-            return self
-        training = None if self.training is None else replace(self.training, gradient_checkpointing=True)
-        return replace(self, training=training, decode_chunk=min(self.decode_chunk, 2))
+
+def memory_plan(backend, settings: PipelineSettings) -> MemoryPlan:
+    """The settings' memory plan on this backend's device, offloading switched to match."""
+    plan = settings.memory.plan(backend.device, getattr(backend, "free_memory", None))
+    set_offload = getattr(backend, "set_offload", None)  # optional backend hook
+    if set_offload is not None:
+        set_offload(plan.offload)
+    return plan
+
+
+def with_plan(settings: PipelineSettings, plan: MemoryPlan) -> PipelineSettings:
+    """Settings pinned to one tier ("auto" resolved once per run) with training checkpointing from it."""
+    training = None if settings.training is None else replace(settings.training,
+                                                              gradient_checkpointing=plan.checkpointing)
+    return replace(settings, memory=MemoryPolicy(plan.tier), training=training)
 
 
 @dataclass
@@ -122,13 +128,19 @@ def edit_video(backend, frames, edited_first_frames, settings: PipelineSettings 
                progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
                cache: Optional[ArtifactCache] = None, mask: Optional[torch.Tensor] = None) -> PipelineResult:
     """frames: (T, 3, H, W) in [-1, 1], any size. edited_first_frames: (E, 3, H, W) or a list, one per edit,
-    the same size as the video. mask: optional (H, W) in [0, 1], 1 = may change (editing.edit_clip
-    gives the exact rule). Returns one VideoEdit per edit. Every input is checked before the backend is used
-    (validation.check_inputs: all problems in one InvalidInput)."""
+    the same size as the video. mask: optional (H, W) in [0, 1], 1 = may change: latents are blended toward
+    the source trajectory outside it (editing.edit_clip gives the exact rule) and, with
+    settings.paste_source, the source's pixels are pasted back outside it. Returns one VideoEdit per edit.
+    Every input is checked before the backend is used (validation.check_inputs: all problems in one
+    InvalidInput). Under a process group of several processes (torchrun) the clips are fanned out
+    (distributed.py)."""
     check_inputs(frames, edited_first_frames, mask, settings, backend.device)
     if mask is not None and not bool((torch.as_tensor(mask) > 0).any()):
         return _unchanged(frames, edited_first_frames, settings)
-    settings = settings.resolved()
+    from . import distributed  # it imports this module, hence here
+    if distributed.fanned_out():
+        return distributed.edit_video(backend, frames, edited_first_frames, settings, progress, cancel, cache, mask)
+    settings = with_plan(settings, memory_plan(backend, settings))
     video = prepare_video(frames, settings)
     edits = check_edited_frames(edited_first_frames, video.fit)
     timings = {}
@@ -139,34 +151,39 @@ def edit_video(backend, frames, edited_first_frames, settings: PipelineSettings 
     timings["train"], started = time.perf_counter() - started, time.perf_counter()
     results = propagate(backend, video, inversions, loras, edits, settings, progress, cancel, timings,
                         latent_mask(mask, video) if mask is not None else None)
+    if mask is not None and settings.paste_source:
+        results = [replace(r, frames=keep_source_outside(r.frames, frames, mask)) for r in results]
     return PipelineResult(results, timings, video.clips)
 
 
 def invert_video(backend, video: PreparedVideo, settings: PipelineSettings, progress: Optional[Progress] = None,
-                 cancel=None, cache: Optional[ArtifactCache] = None) -> List[Inversion]:
+                 cancel=None, cache: Optional[ArtifactCache] = None, only: Optional[List[int]] = None) -> List[Inversion]:
+    """The inversion of every clip, or of the clips in `only` (clip 0 is inverted too when skip-interval needs it)."""
     report = reporter(progress, cancel)
-    inversions: List[Inversion] = []
-    with memory_hint("inversion", settings.low_vram):
-        for k in range(len(video.clips)):
+    wanted = range(len(video.clips)) if only is None else only
+    needs_clip0 = video.skip_interval and any(k > 0 for k in wanted)
+    inversions: Dict[int, Inversion] = {}
+    with memory_hint("inversion", memory_plan(backend, settings)):
+        for k in sorted(set(wanted) | ({0} if needs_clip0 else set())):
             clip0 = inversions[0] if video.skip_interval and k > 0 else None
             callback = _step_reporter(report, "invert", k, len(video.clips), settings.inversion.steps)
             report("invert", k, len(video.clips), 0, settings.inversion.steps)
-            inversions.append(cached_inversion(backend, video.clip_frames(k), settings.inversion, cache, clip0,
-                                               callback))
-    return inversions
+            inversions[k] = cached_inversion(backend, video.clip_frames(k), settings.inversion, cache, clip0, callback)
+    return [inversions[k] for k in wanted]
 
 
 def train_loras(backend, video: PreparedVideo, settings: PipelineSettings, progress: Optional[Progress] = None,
-                cancel=None, cache: Optional[ArtifactCache] = None) -> List[MotionLora]:
-    """One motion LoRA per clip; the backend is left without an adapter."""
-    settings = settings.resolved()
+                cancel=None, cache: Optional[ArtifactCache] = None, only: Optional[List[int]] = None) -> List[MotionLora]:
+    """One motion LoRA per clip (or per clip in `only`); the backend is left without an adapter."""
+    plan = memory_plan(backend, settings)
+    settings = with_plan(settings, plan)
     report = reporter(progress, cancel)
     loras = []
     clip0 = None
     try:
-        with memory_hint("motion-LoRA training", settings.low_vram):
-            for k in range(len(video.clips)):
-                if video.skip_interval and k == 1:  # once, after LoRA 0 exists; inverted with the base model
+        with memory_hint("motion-LoRA training", plan):
+            for k in range(len(video.clips)) if only is None else only:
+                if video.skip_interval and k > 0 and clip0 is None:  # once; inverted with the base model
                     clip0 = _training_clip0(backend, video, settings, cache)
                 report("train", k, len(video.clips), 0, settings.training.steps)
                 loras.append(cached_lora(
@@ -192,7 +209,7 @@ def propagate(backend, video: PreparedVideo, inversions: List[Inversion], loras:
             raise ValueError(f"motion LoRA {k + 1} was trained on a clip of {trained} frames but clip {k + 1} has "
                              f"{len(video.clips[k])}: train (or load) the motion LoRA with the same frames per clip "
                              "and overlap")
-    settings = settings.resolved()
+    plan = memory_plan(backend, settings)
     report = reporter(progress, cancel)
     timings = timings if timings is not None else {}
     frames = [[] for _ in edits]
@@ -206,7 +223,7 @@ def propagate(backend, video: PreparedVideo, inversions: List[Inversion], loras:
                     backend.load_lora(loras[0], slot="clip0")
             for e in range(len(edits)):
                 result, decoded = _edit_one_clip(backend, video, k, inversions, edits[e], results[e], frames[e],
-                                                 settings, loras is not None, report, timings, mask)
+                                                 settings, plan, loras is not None, report, timings, mask)
                 # later clips need only clip 0 (skip-interval K/V) and the previous clip (hand-off)
                 results[e] = results[e][:1] + [result] if results[e] else [result]
                 frames[e].append(decoded)
@@ -218,21 +235,21 @@ def propagate(backend, video: PreparedVideo, inversions: List[Inversion], loras:
 
 
 def _edit_one_clip(backend, video, k, inversions, edited_frame, earlier: List[EditResult], decoded_earlier,
-                   settings, with_lora, report, timings, mask=None):
+                   settings, plan: MemoryPlan, with_lora, report, timings, mask=None):
     started = time.perf_counter()
     count = len(video.clips)
     clip0 = Clip0.of(inversions[0], earlier[0]) if video.skip_interval and k > 0 else None
     report("edit", k, count, 0, settings.inversion.steps)
-    with memory_hint("denoising", settings.low_vram):
-        cond = _edit_conditioning(backend, edited_frame, earlier[-1] if earlier else None,
+    with memory_hint("denoising", plan):
+        cond = edit_conditioning(backend, edited_frame, earlier[-1] if earlier else None,
                                   decoded_earlier[-1] if decoded_earlier else None, len(video.clips[k]), settings.micro)
         result = edit_clip(backend, inversions[k], cond, settings.edit, lora_scale=1.0 if with_lora else 0.0,
                            clip0=clip0, mask=mask,
                            callback=_step_reporter(report, "edit", k, count, settings.inversion.steps))
     timings["edit"] = timings.get("edit", 0.0) + time.perf_counter() - started
     started = time.perf_counter()
-    with memory_hint("VAE decoding", settings.low_vram):
-        decoded = backend.decode(result.latent[0], settings.decode_chunk).cpu()
+    with memory_hint("VAE decoding", plan):
+        decoded = backend.decode(result.latent[0], plan.decode_chunk).cpu()
     timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - started
     report("decode", k, count, 1, 1)
     return result, decoded
@@ -247,7 +264,7 @@ def _training_clip0(backend, video: PreparedVideo, settings: PipelineSettings, c
     return cached_inversion(backend, frames0, settings.inversion, cache)
 
 
-def _edit_conditioning(backend, edited_frame, previous: Optional[EditResult], previous_frames,
+def edit_conditioning(backend, edited_frame, previous: Optional[EditResult], previous_frames,
                        num_frames: int, micro: MicroConditioning):
     """Clip 0: the user's edited frame. Clip k: the previous clip's last frame (latent taken directly)."""
     if previous is None:
@@ -287,18 +304,32 @@ def _unchanged(frames, edited_first_frames, settings: PipelineSettings) -> Pipel
 
 
 def latent_mask(mask: torch.Tensor, video: PreparedVideo) -> torch.Tensor:
-    """A user mask (H, W) in [0, 1] at the source size -> (h, w) at the working latent size."""
-    mask = torch.as_tensor(mask, dtype=torch.float32)
-    if mask.ndim == 3 and mask.shape[0] == 1:
-        mask = mask[0]
-    if tuple(mask.shape) != tuple(video.fit.source_hw):
-        raise ValueError(f"the mask is {'x'.join(map(str, mask.shape[::-1]))} but the video is "
-                         f"{video.fit.source_hw[1]}x{video.fit.source_hw[0]}: give one (H, W) mask at the video's size")
-    if not bool(torch.isfinite(mask).all()) or float(mask.min()) < 0 or float(mask.max()) > 1:
-        raise ValueError("the mask must hold finite values in [0, 1] (1 = may change)")
+    """A user mask (H, W) in [0, 1] at the source size -> (h, w) at the working latent size: what
+    edit_clip blends with, for the CLI, the API and the nodes alike."""
+    mask = check_mask(mask, video.fit)
     working = to_working(mask[None, None].expand(1, 3, -1, -1) * 2 - 1, video.fit)[:, :1]
     height, width = video.fit.working_hw
     return ((F.adaptive_avg_pool2d(working, (height // 8, width // 8)) + 1) / 2).clamp(0, 1)[0, 0]
+
+
+def keep_source_outside(edited: torch.Tensor, source: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The final paste: mask * edited + (1 - mask) * source, frames (T, 3, H, W) and mask (H, W) at the source
+    size, so where the mask is 0 the output is the source exactly (the VAE round trip is not)."""
+    weight = torch.as_tensor(mask, dtype=torch.float32).reshape(1, 1, *source.shape[-2:]).to(edited)
+    return weight * edited + (1 - weight) * source.to(edited)
+
+
+def check_mask(mask, fit: Fit) -> torch.Tensor:
+    """One (H, W) mask in [0, 1] at the source size (a leading axis of 1 is dropped), float32."""
+    mask = torch.as_tensor(mask, dtype=torch.float32)
+    if mask.ndim == 3 and mask.shape[0] == 1:
+        mask = mask[0]
+    if tuple(mask.shape) != tuple(fit.source_hw):
+        raise ValueError(f"the mask is {'x'.join(map(str, mask.shape[::-1]))} but the video is "
+                         f"{fit.source_hw[1]}x{fit.source_hw[0]}: give one (H, W) mask at the video's size")
+    if not bool(torch.isfinite(mask).all()) or float(mask.min()) < 0 or float(mask.max()) > 1:
+        raise ValueError("the mask must hold finite values in [0, 1] (1 = may change)")
+    return mask
 
 
 def check_edited_frames(edited, fit: Fit) -> torch.Tensor:

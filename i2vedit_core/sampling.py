@@ -58,6 +58,42 @@ def denoise(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args: 
     return x
 
 
+@torch.no_grad()
+def sample_matched(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Optional[dict] = None,
+                   callback: Optional[StepCallback] = None, before_step: Optional[Callable[[int, float], None]] = None,
+                   keep: Optional[torch.Tensor] = None, source: Optional[Callable[[int], torch.Tensor]] = None
+                   ) -> torch.Tensor:
+    """Matched denoising (ALGORITHM §5): deterministic Euler down `sigmas` (ending at 0), the one loop of
+    editing.edit_clip and the ComfyUI Matched Sampler. Returns the final latent.
+
+    model(x, sigma, **extra_args) -> D(x, sigma), k-diffusion's shape (any CFG is the model's business).
+    before_step(i, sigma): runs, before step i's model call, the forwards whose attention it consumes (the
+    source forward on the inversion latent, clip-0 K/V).
+    keep, source: an optional latent mask (1 = may change, broadcast against x) and source(i), the source
+    latent entering step i (source(len(sigmas) - 1): the clean source). Before every step and after the last,
+    x = keep * x + (1 - keep) * source(i): outside the mask x stays on the source trajectory.
+    """
+    _check_sigmas(sigmas, ascending=False)
+    if (keep is None) != (source is None):
+        raise ValueError("a latent mask needs the source trajectory (source) and vice versa")
+    extra_args = extra_args or {}
+    x = x.float()
+    steps = len(sigmas) - 1
+    for i in range(steps):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        if keep is not None:
+            x = keep * x + (1 - keep) * source(i).to(x)
+        if before_step is not None:
+            before_step(i, sigma)
+        denoised = model(x, sigma, **extra_args).float()
+        x = denoised if sigma_next == 0 else euler_step(x, denoised, sigma, sigma_next)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
+    if keep is not None:
+        x = keep * x + (1 - keep) * source(steps).to(x)
+    return x
+
+
 def _check_sigmas(sigmas: torch.Tensor, ascending: bool) -> None:
     if sigmas.ndim != 1 or len(sigmas) < 2:
         raise ValueError("sigmas must be a 1-d tensor with at least 2 values")

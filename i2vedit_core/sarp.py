@@ -33,14 +33,13 @@ def perturb_smooth_areas(frames: torch.Tensor, alpha: float = SARP_ALPHA, thresh
                          generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """x <- clamp(x + alpha * eps * M, -1, 1) for frames (N, 3, H, W) in [-1, 1].
 
-    eps ~ N(0, 1) per pixel, channel and frame from `generator` (drawn on the generator's device),
+    eps ~ N(0, 1) per pixel, channel and frame from `generator` (a CPU generator, as ComfyUI's),
     so the same seed gives the same output. alpha = 0 returns the input unchanged.
     """
     if alpha == 0:
         return frames
     frames32 = frames.float()
     mask = smooth_area_mask(frames32, threshold)
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    noise = torch.randn(frames32.shape, generator=generator, device=gen_device).to(frames32.device)
+    noise = torch.randn(frames32.shape, generator=generator).to(frames32.device)  # CPU draw: same on any device
     perturbed = (frames32 + alpha * noise * mask).clamp(-1, 1)
     return perturbed.to(frames.dtype)

@@ -5,6 +5,7 @@ produced them (frames, settings, model, skip-interval context), so a second edit
 """
 
 import json
+from dataclasses import replace
 from typing import Callable, Optional
 
 import torch
@@ -17,15 +18,21 @@ from .training import TrainingSettings, train_motion_lora
 
 
 def model_identity(backend) -> str:
-    """What identifies the model's weights for cache keys (backends may provide a cheaper `identity()`)."""
+    """What identifies the model's weights for cache keys: the backend's `identity()` (SVDBackend).
+
+    No fallback to id(): a new model at a freed object's address would reuse another model's entries.
+    """
     identity = getattr(backend, "identity", None)
-    return identity() if callable(identity) else f"{type(backend).__name__}@{id(backend)}"
+    if not callable(identity):
+        raise TypeError(f"{type(backend).__name__} has no identity(), so its results cannot be cached: implement "
+                        f"SVDBackend.identity() (a fingerprint of the weights) or run without a cache")
+    return identity()
 
 
 def cached_inversion(backend, frames: torch.Tensor, settings: InversionSettings, cache: Optional[ArtifactCache],
                      clip0: Optional[Inversion] = None, callback=None) -> Inversion:
-    key = "inversion-" + fingerprint(frames, settings, model_identity(backend),
-                                     None if clip0 is None else clip0.latents[0])
+    key = None if cache is None else "inversion-" + fingerprint(frames, settings, model_identity(backend),
+                                                              None if clip0 is None else clip0.latents[0])
     entry = cache.get(key) if cache is not None else None
     if entry is not None:
         return _inversion_from_tensors(entry[0], backend.device)
@@ -38,8 +45,10 @@ def cached_inversion(backend, frames: torch.Tensor, settings: InversionSettings,
 def cached_lora(backend, frames: torch.Tensor, settings: TrainingSettings, cache: Optional[ArtifactCache],
                 clip0: Optional[Inversion] = None, progress=None, cancel: Optional[Callable[[], bool]] = None) -> MotionLora:
     """Train (or fetch) the motion LoRA of a clip and leave it attached to the backend."""
-    key = "lora-" + fingerprint(frames, settings, model_identity(backend),
-                                None if clip0 is None else clip0.latents[0])
+    # Checkpointing (the memory policy's) recomputes the same numbers: not part of the key.
+    key = None if cache is None else "lora-" + fingerprint(frames, replace(settings, gradient_checkpointing=False),
+                                                         model_identity(backend),
+                                                         None if clip0 is None else clip0.latents[0])
     entry = cache.get(key) if cache is not None else None
     if entry is not None:
         lora = _lora_from_entry(*entry)

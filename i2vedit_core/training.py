@@ -10,7 +10,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ class TrainingSettings:
     micro: MicroConditioning = field(default_factory=MicroConditioning)
     max_pixels: int = 512 * 896  # larger clips are downscaled to about this area, aspect kept
     mixed_precision: bool = True  # bf16 autocast on CUDA (LoRA weights stay fp32); fp32 on CPU
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: Union[bool, int] = False  # True: every level; n: the n finest (memory.py)
     lora: LoraSpec = field(default_factory=LoraSpec)
     seed: int = 0
 
@@ -178,10 +178,7 @@ def _skip_interval_denoiser(backend, clip0):
     if not (hasattr(clip0, "latent_at") and hasattr(clip0, "cond")):
         raise ValueError(f"clip0 must be the Inversion of source clip 0 (inversion.invert_clip), got "
                          f"{type(clip0).__name__}")
-    try:
-        from .skip import KVSource, SkipInterval
-    except ImportError:
-        raise NotImplementedError("skip-interval training needs the attention controller") from None
+    from .skip import KVSource, SkipInterval
     return SkipInterval(backend, KVSource.from_inversion(clip0)).denoise
 
 

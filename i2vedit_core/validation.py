@@ -60,8 +60,7 @@ CLI = Names(
              "beta1": "B1", "beta2": "B2", "clip_length": "--frames-per-clip", "overlap": "--overlap",
              "the working size": "--size", "a smaller working size": "a smaller --size",
              "e.g. 1024x576": "e.g. --size 1024 576", "edited first frames": "--edited images",
-             "video frames": "--video frames", "low-VRAM mode (PipelineSettings(low_vram=True), the nodes' "
-                                                "low_vram switch)": "--low-vram"})
+             "video frames": "--video frames"})
 NODES = Names(
     fields={"clip_length": "frames_per_clip", "working_size": "working_width/working_height",
             "inversion.steps": "steps", "training.steps": "training_steps", "edit.min_guidance": "min_guidance",
@@ -71,8 +70,7 @@ NODES = Names(
     phrases={"inversion steps": "steps", "training steps": "training_steps",
              "pass training=None": "switch train_motion_lora off", "mask thresholds": "threshold_first/threshold_last",
              "clip_length": "frames_per_clip", "the working size": "working_width x working_height",
-             "sarp_alpha": "sarp_scale", "LoRA rank": "rank", "low-VRAM mode (PipelineSettings(low_vram=True), the "
-                                                              "nodes' low_vram switch)": "the low_vram switch"})
+             "sarp_alpha": "sarp_scale", "LoRA rank": "rank"})
 
 
 class InvalidInput(ValueError):

@@ -27,7 +27,7 @@ def read_video(path, max_frames: Optional[int] = None, stride: int = 1) -> Tuple
                 if max_frames is not None and len(frames) >= max_frames:
                     break
     except (av.error.FFmpegError, IndexError) as err:
-        raise ValueError(f"cannot read {path} as a video ({err}); convert it to mp4 (H.264) first") from None
+        raise ValueError(f"cannot read {path} as a video ({err}); convert it to mp4 (H.264) first") from err
     if len(frames) < 2:
         raise ValueError(f"{path} has {len(frames)} readable frame(s); a video edit needs at least 2")
     return from_uint8(np.stack(frames)), fps
@@ -75,7 +75,7 @@ def read_image_array(path) -> np.ndarray:
         with Image.open(path) as image:
             return _rgb_array(ImageOps.exif_transpose(image), path)
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(f"cannot read {path} as an image ({err}); use PNG or JPEG") from None
+        raise ValueError(f"cannot read {path} as an image ({err}); use PNG or JPEG") from err
 
 
 def _rgb_array(image, path) -> np.ndarray:

@@ -9,7 +9,7 @@ def node_classes():
     from .edit_video import EditVideoNode
     from .invert import InvertNode
     from .lora_files import LoadMotionLoraNode, SaveMotionLoraNode
-    from .matched_sampler import MatchedSamplerNode
+    from .matched_sampler import EditConditioningNode, MatchedSamplerNode
     from .metrics import MetricsNode
     from .propagate import PropagateNode
     from .samplers import InversionSamplerNode
@@ -17,7 +17,7 @@ def node_classes():
     from .train import TrainMotionLoraNode
 
     return [SourceClipsNode, InvertNode, TrainMotionLoraNode, SaveMotionLoraNode, LoadMotionLoraNode, PropagateNode,
-            EditVideoNode, InversionSamplerNode, MatchedSamplerNode, MetricsNode]
+            EditVideoNode, InversionSamplerNode, EditConditioningNode, MatchedSamplerNode, MetricsNode]
 
 
 async def comfy_entrypoint():

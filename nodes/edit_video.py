@@ -6,14 +6,15 @@ import torch
 from comfy_api.latest import io
 
 from i2vedit_core.pipeline import edit_video
+from i2vedit_core.validation import NODES, check_node_inputs
 
 from .host import (NodeProgress, cancel_check, comfy_backend, frames_to_image, image_to_frames, map_to_image,
                    node_id)
 from .invert import inversion_inputs, inversion_settings
-from .propagate import edit_settings, keep_outside, matching_inputs
+from .propagate import edit_settings, mask_inputs, matching_inputs
 from .source import clip_inputs, clips_from
 from .train import training_inputs, training_settings
-from .types import CATEGORY, model_inputs, seed_input
+from .types import CATEGORY, memory_input, model_inputs, seed_input
 
 
 class EditVideoNode(io.ComfyNode):
@@ -33,24 +34,26 @@ class EditVideoNode(io.ComfyNode):
                                  tooltip="Learn the source motion first (better motion, several minutes). Off: "
                                          "faster, motion from attention matching only."),
             ] + training_inputs() + matching_inputs() + [
+                memory_input(),
                 seed_input("Seed of every random draw (SARP, training, conditioning noise)."),
-                io.Mask.Input("mask", optional=True,
-                              tooltip="Optional MASK: outside it (0) the source frames are kept exactly."),
-            ],
+            ] + mask_inputs(),
             outputs=[io.Image.Output(display_name="frames"), io.Image.Output(display_name="difference_map")],
             hidden=[io.Hidden.unique_id])
 
     @classmethod
-    def execute(cls, model, clip_vision, vae, frames, edited_first_frame, mask=None, **widgets) -> io.NodeOutput:
+    def execute(cls, model, clip_vision, vae, frames, edited_first_frame, mask=None, memory="auto",
+                paste_source=True, **widgets) -> io.NodeOutput:
+        check_node_inputs(NODES.using(edited_first_frames="edited_first_frame"), frames, edited_first_frame, mask)
         clips = clips_from(frames, **widgets)
         settings = replace(clips.settings, inversion=inversion_settings(**widgets),
                            training=training_settings(**widgets) if widgets["train_motion_lora"] else None,
-                           edit=edit_settings(**widgets))
+                           edit=edit_settings(**widgets), memory=memory, paste_source=paste_source)
         edited = image_to_frames(edited_first_frame, "edited first frame")
         progress = NodeProgress(node_id(cls))
         with comfy_backend(model, clip_vision, vae) as backend:
-            result = edit_video(backend, clips.frames, edited, settings, progress, cancel_check())
+            result = edit_video(backend, clips.frames, edited, settings, progress, cancel_check(),
+                                mask=None if mask is None else mask.detach().float().cpu())
         progress.finish()
-        out = [keep_outside(e.frames.cpu(), clips.frames, mask) for e in result.edits]
+        out = [e.frames.cpu() for e in result.edits]
         maps = torch.cat([e.difference_map.cpu() for e in result.edits])
         return io.NodeOutput(frames_to_image(torch.cat(out)), map_to_image(maps))

@@ -124,11 +124,11 @@ def send_text(node_id: Optional[str], text: str) -> None:
 
 
 @contextlib.contextmanager
-def comfy_backend(model, clip_vision, vae):
+def comfy_backend(model, clip_vision, vae, lora_from_model: bool = False):
     """A ComfyBackend on a clone of MODEL, released (patches undone, clone unloaded) whatever happens."""
     from i2vedit_core.backends.comfy import ComfyBackend
 
-    backend = ComfyBackend(model, clip_vision, vae)
+    backend = ComfyBackend(model, clip_vision, vae, lora_from_model)
     try:
         yield backend
     finally:

@@ -10,7 +10,7 @@ from i2vedit_core.sarp import SARP_ALPHA
 
 from .artifacts import InvertedVideo, move_inversion
 from .host import NodeProgress, cancel_check, comfy_backend, node_id
-from .types import CATEGORY, Clips, Inversion, model_inputs, seed_input
+from .types import CATEGORY, Clips, Inversion, memory_input, model_inputs, seed_input
 
 
 def inversion_inputs():
@@ -31,8 +31,8 @@ def inversion_settings(steps, sarp, sarp_scale, random_seed, **_) -> InversionSe
     return InversionSettings(steps=steps, sarp_alpha=sarp_scale if sarp else 0.0, seed=random_seed)
 
 
-def run_inversion(model, clip_vision, vae, clips, settings, node_id=None) -> InvertedVideo:
-    settings = replace(clips.settings, inversion=settings)
+def run_inversion(model, clip_vision, vae, clips, settings, node_id=None, memory="auto") -> InvertedVideo:
+    settings = replace(clips.settings, inversion=settings, memory=memory)
     progress = NodeProgress(node_id)
     with comfy_backend(model, clip_vision, vae) as backend:
         inversions = invert_video(backend, clips.video, settings, progress, cancel_check())
@@ -49,11 +49,11 @@ class InvertNode(io.ComfyNode):
             description="Inverts every source clip into SVD noise (SARP + deterministic EDM inversion). Computed once "
                         "and reused by every edit and every Propagate of the same video.",
             inputs=model_inputs() + [Clips.Input("clips", tooltip="From I2VEdit Source Clips.")]
-                   + inversion_inputs() + [seed_input("Seed of the SARP noise and conditioning noise.")],
+                   + inversion_inputs() + [memory_input(), seed_input("Seed of the SARP noise and conditioning noise.")],
             outputs=[Inversion.Output(display_name="inversion")],
             hidden=[io.Hidden.unique_id])
 
     @classmethod
-    def execute(cls, model, clip_vision, vae, clips, **widgets) -> io.NodeOutput:
-        inverted = run_inversion(model, clip_vision, vae, clips, inversion_settings(**widgets), node_id(cls))
+    def execute(cls, model, clip_vision, vae, clips, memory="auto", **widgets) -> io.NodeOutput:
+        inverted = run_inversion(model, clip_vision, vae, clips, inversion_settings(**widgets), node_id(cls), memory)
         return io.NodeOutput(inverted)

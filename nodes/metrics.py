@@ -12,7 +12,9 @@ from .types import CATEGORY
 
 
 def report_text(report: dict) -> str:
-    lines = [f"{name}: {'n/a' if value is None else f'{value:.4f}'}" for name, value in report.items()]
+    why = report.get("not_computed", {})
+    lines = [f"{name}: {f'n/a ({why[name]})' if name in why else 'n/a' if value is None else f'{value:.4f}'}"
+             for name, value in report.items() if name != "not_computed"]
     return "\n".join(lines) + "\n" + json.dumps(report)
 
 
@@ -20,7 +22,7 @@ def report_chart(report: dict):
     """Each metric next to the source's own value (blue: edit, orange: source)."""
     pairs = {}
     for name, value in report.items():
-        if name.endswith("_source"):
+        if name.endswith("_source") or name == "not_computed":
             continue
         pairs[name] = (value, report.get(name + "_source"))
     return bar_chart(pairs, "edit (blue) vs source (orange)")

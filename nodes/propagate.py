@@ -7,12 +7,12 @@ from comfy_api.latest import io
 
 from i2vedit_core.attention import PRESETS, MatchSettings, TemporalSelector
 from i2vedit_core.editing import EditSettings
-from i2vedit_core.pipeline import check_edited_frames, propagate
+from i2vedit_core.pipeline import check_edited_frames, keep_source_outside, latent_mask, propagate
+from i2vedit_core.validation import NODES, check_node_inputs
 
 from .artifacts import check_same_clips
-from .host import (NodeProgress, cancel_check, comfy_backend, frames_to_image, image_to_frames, map_to_image,
-                   mask_to_frames, node_id)
-from .types import CATEGORY, Inversion, MotionLora, model_inputs, seed_input
+from .host import NodeProgress, cancel_check, comfy_backend, frames_to_image, image_to_frames, map_to_image, node_id
+from .types import CATEGORY, Inversion, MotionLora, memory_input, model_inputs, seed_input
 
 PRESET_NAMES = ["local", "style", "shape", "custom"]
 
@@ -53,32 +53,43 @@ def edit_settings(preset, beta1, beta2, threshold_first, threshold_last, min_gui
     return EditSettings(matching=matching, min_guidance=min_guidance, max_guidance=max_guidance, seed=random_seed)
 
 
-def run_propagation(model, clip_vision, vae, inverted, loras, edited_image, edit, mask=None, node_id=None):
+def mask_inputs():
+    """MASK and its paste option, shared with the all-in-one node."""
+    return [
+        io.Mask.Input("mask", optional=True,
+                      tooltip="Optional MASK at the video's size (1 = may change): outside it the denoising is held "
+                              "on the source's own trajectory, for local edits."),
+        io.Boolean.Input("paste_source", default=True,
+                         tooltip="With a MASK: paste the source's pixels back outside it, so the background is "
+                                 "exactly the source (off: the background is the source through SVD's VAE)."),
+    ]
+
+
+def run_propagation(model, clip_vision, vae, inverted, loras, edited_image, edit, mask=None, node_id=None,
+                    memory="auto", paste_source=True):
     """-> (frames IMAGE of every edit one after another, difference-map IMAGE likewise)."""
     if loras is not None:
         check_same_clips(inverted, loras)
+    source = inverted.clips.frames
+    check_node_inputs(NODES, edited=edited_image, mask=mask, video_hw=tuple(source.shape[-2:]),
+                      video_frames=len(source))
     video = inverted.clips.video
     edits = check_edited_frames(image_to_frames(edited_image, "edited first frame"), video.fit)
-    settings = replace(inverted.settings, edit=edit)
+    settings = replace(inverted.settings, edit=edit, memory=memory)
+    mask = None if mask is None else mask.detach().float().cpu()
     progress = NodeProgress(node_id)
     with comfy_backend(model, clip_vision, vae) as backend:
         if backend.identity() != inverted.model_identity:
             raise ValueError("the inversion was made with a different MODEL: connect the same SVD model to "
                              "I2VEdit Invert and I2VEdit Propagate")
         results = propagate(backend, video, inverted.on(backend.device), None if loras is None else list(loras.loras),
-                            edits, settings, progress, cancel_check())
+                            edits, settings, progress, cancel_check(),
+                            mask=None if mask is None else latent_mask(mask, video))
     progress.finish()
-    source = inverted.clips.frames
-    frames = [keep_outside(r.frames.cpu(), source, mask) for r in results]
+    frames = [r.frames.cpu() for r in results]
+    if mask is not None and paste_source:
+        frames = [keep_source_outside(f, inverted.clips.frames, mask) for f in frames]
     return frames_to_image(torch.cat(frames)), map_to_image(torch.cat([r.difference_map.cpu() for r in results]))
-
-
-def keep_outside(edited: torch.Tensor, source: torch.Tensor, mask) -> torch.Tensor:
-    """Where the mask is 0 the source frame is kept exactly (local edits that must not touch the background)."""
-    if mask is None:
-        return edited
-    weight = mask_to_frames(mask, edited)
-    return weight * edited + (1 - weight) * source
 
 
 class PropagateNode(io.ComfyNode):
@@ -95,19 +106,17 @@ class PropagateNode(io.ComfyNode):
                                tooltip="Frame 0 of the video, edited (same size as the video). A batch of several "
                                        "edits is propagated edit after edit."),
             ] + matching_inputs() + [
+                memory_input(),
                 seed_input("Seed of the conditioning noise of the edit."),
                 MotionLora.Input("motion_lora", optional=True,
                                  tooltip="Optional motion LoRA (Train or Load Motion LoRA): better motion fidelity."),
-                io.Mask.Input("mask", optional=True,
-                              tooltip="Optional MASK (one, or one per frame): outside it (0) the source frames are "
-                                      "kept exactly, for local edits."),
-            ],
+            ] + mask_inputs(),
             outputs=[io.Image.Output(display_name="frames"), io.Image.Output(display_name="difference_map")],
             hidden=[io.Hidden.unique_id])
 
     @classmethod
     def execute(cls, model, clip_vision, vae, inversion, edited_first_frames, motion_lora=None, mask=None,
-                **widgets) -> io.NodeOutput:
+                memory="auto", paste_source=True, **widgets) -> io.NodeOutput:
         frames, maps = run_propagation(model, clip_vision, vae, inversion, motion_lora, edited_first_frames,
-                                       edit_settings(**widgets), mask, node_id(cls))
+                                       edit_settings(**widgets), mask, node_id(cls), memory, paste_source)
         return io.NodeOutput(frames, maps)

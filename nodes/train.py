@@ -11,7 +11,7 @@ from i2vedit_core.training import TrainingSettings
 from .artifacts import MotionLoras
 from .host import NodeProgress, cancel_check, comfy_backend, node_id
 from .plots import line_chart
-from .types import CATEGORY, Clips, Inversion, MotionLora, model_inputs, seed_input
+from .types import CATEGORY, Clips, Inversion, MotionLora, memory_input, model_inputs, seed_input
 
 
 def training_inputs():
@@ -23,18 +23,17 @@ def training_inputs():
                      tooltip="LoRA rank (paper: 32). Higher holds more motion detail and is slower."),
         io.Float.Input("learning_rate", default=5e-4, min=1e-6, max=1e-2, step=1e-5, round=1e-6,
                        tooltip="AdamW learning rate (paper: 5e-4)."),
-        io.Boolean.Input("low_vram", default=False,
-                         tooltip="Gradient checkpointing: much less memory for training, about 30% slower."),
     ]
 
 
-def training_settings(training_steps, rank, learning_rate, low_vram, random_seed, **_) -> TrainingSettings:
+def training_settings(training_steps, rank, learning_rate, random_seed, **_) -> TrainingSettings:
     return TrainingSettings(steps=training_steps, learning_rate=learning_rate, lora=LoraSpec(rank=rank),
-                            gradient_checkpointing=low_vram, seed=random_seed)
+                            seed=random_seed)
 
 
-def run_training(model, clip_vision, vae, clips, training, inversion=None, node_id=None) -> MotionLoras:
-    settings = replace(clips.settings, training=training)
+def run_training(model, clip_vision, vae, clips, training, inversion=None, node_id=None,
+                 memory="auto") -> MotionLoras:
+    settings = replace(clips.settings, training=training, memory=memory)
     if inversion is not None:  # skip-interval training of clips >= 1 inverts clip 0 the same way
         settings = replace(settings, inversion=inversion.settings.inversion)
     progress = NodeProgress(node_id)
@@ -53,7 +52,7 @@ class TrainMotionLoraNode(io.ComfyNode):
             description="Learns the source video's motion as a LoRA on SVD's temporal layers (one per clip), so the "
                         "edited video moves like the source. Save it to skip this next time.",
             inputs=model_inputs() + [Clips.Input("clips", tooltip="From I2VEdit Source Clips.")]
-                   + training_inputs() + [seed_input("Seed of the noise levels, noise and LoRA initialisation."),
+                   + training_inputs() + [memory_input(), seed_input("Seed of the noise levels, noise and LoRA initialisation."),
                                           Inversion.Input("inversion", optional=True,
                                                           tooltip="Optional: the video's I2VEdit Invert output, so "
                                                                   "multi-clip training uses its inversion settings.")],
@@ -61,7 +60,7 @@ class TrainMotionLoraNode(io.ComfyNode):
             hidden=[io.Hidden.unique_id])
 
     @classmethod
-    def execute(cls, model, clip_vision, vae, clips, inversion=None, **widgets) -> io.NodeOutput:
+    def execute(cls, model, clip_vision, vae, clips, inversion=None, memory="auto", **widgets) -> io.NodeOutput:
         loras = run_training(model, clip_vision, vae, clips, training_settings(**widgets), inversion,
-                             node_id(cls))
+                             node_id(cls), memory)
         return io.NodeOutput(loras, line_chart(loras.losses, "motion LoRA training loss (one line per clip)"))

@@ -2,6 +2,8 @@
 
 from comfy_api.latest import io
 
+from i2vedit_core.memory import CHOICES as MEMORY_CHOICES
+
 CATEGORY = "I2VEdit"
 
 Clips = io.Custom("I2VEDIT_CLIPS")
@@ -17,6 +19,15 @@ def model_inputs():
         io.ClipVision.Input("clip_vision", tooltip="CLIP_VISION from the same Image Only Checkpoint Loader."),
         io.Vae.Input("vae", tooltip="VAE from the same Image Only Checkpoint Loader (SVD's video VAE)."),
     ]
+
+
+def memory_input():
+    """The memory policy (i2vedit_core.memory) of every node that runs the UNet."""
+    return io.Combo.Input("memory", options=list(MEMORY_CHOICES), default="auto",
+                          tooltip="auto: pick from the GPU's free memory. fast: no savings. 24gb: recompute the "
+                                  "finest layers in training. 12gb: recompute every layer, decode 2 frames at a "
+                                  "time, unload other models first (slowest). After an out-of-memory error, pick "
+                                  "the next setting down.")
 
 
 def seed_input(tooltip: str):

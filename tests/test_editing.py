@@ -103,11 +103,37 @@ def test_skip_interval_doubles_temporal_keys_end_to_end(backend, inversion, monk
     assert len(keys) == STEPS * 16 * 2  # source and edit forwards, every temporal layer, every step
     assert all(next(iter(kv.values()))[0].shape[2] == frames == f for f, kv in keys)
     assert torch.isfinite(edit1.latent).all() and not torch.allclose(edit1.latent, edit0.latent, atol=1e-4)
+    # Training-style denoise: the mechanism, not a numeric effect (on a random tiny UNet the clip-0 keys
+    # can move D by less than float noise). Every temporal layer gets [clip-0 K/V ; own K/V] along the
+    # frame axis: 2F keys, the first F exactly those of a base-model forward on clip 0's inversion latent.
+    concatenated, captured = [], {}
+    with_clip0 = AttentionController._with_clip0_kv
+
+    def spy_concat(self, k, v, site):
+        k2, v2 = with_clip0(self, k, v, site)
+        kept = next(iter(self.buffer.clip0_kv[site.path].values()))
+        concatenated.append((site.path, k, v, k2, v2, kept))
+        return k2, v2
+
+    monkeypatch.setattr(AttentionController, "_with_clip0_kv", spy_concat)
+    sigma = float(inversion.sigmas[2])
     skip = SkipInterval(backend, KVSource.from_inversion(inversion))
-    x = inversion.latents[2]
-    d = skip.denoise(x, float(inversion.sigmas[2]), inversion.cond, lora_scale=0.0)
-    assert torch.isfinite(d).all() and not torch.allclose(d, backend.denoise(x, float(inversion.sigmas[2]),
-                                                                               inversion.cond), atol=1e-5)
+    x = inversion.latents[2] + 0.1 * torch.randn(inversion.latents[2].shape, generator=torch.Generator().manual_seed(3))
+    d = skip.denoise(x, sigma, inversion.cond, lora_scale=0.0)
+    assert torch.isfinite(d).all() and len({path for path, *_ in concatenated}) == 16 == len(concatenated)
+    for path, k, v, k2, v2, (k0, v0) in concatenated:
+        assert k.shape[2] == frames and k2.shape[2] == v2.shape[2] == 2 * frames, path
+        assert torch.equal(k2[:, :, :frames], k0.to(k.dtype)) and torch.equal(k2[:, :, frames:], k)
+        assert torch.equal(v2[:, :, :frames], v0.to(v.dtype)) and torch.equal(v2[:, :, frames:], v)
+        assert not torch.allclose(k0, k)  # clip 0's keys, not a copy of the clip's own
+    # ...and the kept clip-0 K/V are those of a base-model forward on clip 0's latent at this sigma
+    reference = AttentionController(skip.controller.settings, skip_interval=True)
+    reference.begin_step(0)
+    backend.denoise(inversion.latent_at(sigma), sigma, inversion.cond, attention=reference.kv_pass(("source",)),
+                    lora_scale=0.0)
+    for path, *_, (k0, v0) in concatenated:
+        torch.testing.assert_close(k0, reference.buffer.clip0_kv[path]["source"][0], rtol=0, atol=0)
+    reference.end()
     assert not skip.controller.buffer.clip0_kv  # nothing kept after the call
 
 

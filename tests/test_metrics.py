@@ -1,10 +1,21 @@
 import math
+import sys
 
 import pytest
 import torch
 
 from i2vedit_core import metrics
 from i2vedit_core.tiny import synthetic_clip
+
+
+@pytest.fixture(params=["with opencv", "without opencv"])
+def opencv(request, monkeypatch):
+    """Every warp-error test runs with OpenCV importable (skipped where it is not installed) and blocked."""
+    if request.param == "with opencv":
+        pytest.importorskip("cv2", reason="opencv-python-headless is not installed here")
+        return True
+    monkeypatch.setitem(sys.modules, "cv2", None)  # `import cv2` raises ImportError
+    return False
 
 
 def textured_video(num_frames=4, shift=2, size=64, seed=0):
@@ -16,17 +27,23 @@ def textured_video(num_frames=4, shift=2, size=64, seed=0):
     return torch.stack([base[0, :, :, size // 2 - t * shift: size // 2 - t * shift + size] for t in range(num_frames)])
 
 
-def test_identical_frames_have_zero_flicker_and_warp_error():
+def test_identical_frames_have_zero_flicker_and_warp_error(opencv):
     still = synthetic_clip(1).expand(4, -1, -1, -1).clone()
     assert metrics.flicker(still) == 0.0
-    assert metrics.warp_error(still) == pytest.approx(0.0, abs=1e-6)
+    if opencv:
+        assert metrics.warp_error(still) == pytest.approx(0.0, abs=1e-6)
+    else:
+        assert metrics.warp_error(still) is None
 
 
-def test_shifted_copy_has_near_zero_warp_error_but_plain_difference():
+def test_shifted_copy_has_near_zero_warp_error_but_plain_difference(opencv):
     video = textured_video()
     plain_difference = float((metrics.to_unit(video[1:]) - metrics.to_unit(video[:-1])).abs().mean())
     warp = metrics.warp_error(video)
     assert plain_difference > 0.02
+    if not opencv:
+        assert warp is None and "pip install opencv-python-headless" in metrics.warp_error_unavailable()
+        return
     assert warp < 0.2 * plain_difference, (warp, plain_difference)
 
 
@@ -59,9 +76,15 @@ def test_seam_colour_drift_measures_the_jump_at_the_seam():
     assert metrics.seam_colour_drift(drifted, []) == 0.0
 
 
-def test_report_of_the_source_against_itself():
+def test_report_of_the_source_against_itself(opencv):
     source = synthetic_clip(4)
     report = metrics.video_report(source, source, edited_first=source[0], seams=[2])
     assert report["psnr_unedited"] == math.inf and report["first_frame_psnr"] == math.inf
     assert report["flicker"] == report["flicker_source"]
-    assert report["warp_error"] == pytest.approx(report["warp_error_source"])
+    if opencv:
+        assert "not_computed" not in report
+        assert report["warp_error"] == pytest.approx(report["warp_error_source"])
+    else:  # the report names what it could not compute and why
+        assert report["warp_error"] is None and report["warp_error_source"] is None
+        assert set(report["not_computed"]) == {"warp_error", "warp_error_source"}
+        assert "pip install opencv-python-headless" in report["not_computed"]["warp_error"]

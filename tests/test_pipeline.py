@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -94,14 +96,19 @@ MASK_SETTINGS = PipelineSettings(clip_length=6, working_size=(64, 64),
 
 
 def test_all_one_mask_equals_no_mask_and_all_zero_mask_keeps_the_source(backend, video):
+    """An all-black mask returns the source itself, with or without paste_source (nothing is inverted or
+    decoded, so not even a VAE round trip); an all-white mask is the unmasked edit."""
     clip = video[:6]
+    unpasted = replace(MASK_SETTINGS, paste_source=False)
     plain = edit_video(backend, clip, edited(video)[None], MASK_SETTINGS).edits[0].frames
     ones = edit_video(backend, clip, edited(video)[None], MASK_SETTINGS, mask=torch.ones(64, 64)).edits[0].frames
-    zeros = edit_video(backend, clip, edited(video)[None], MASK_SETTINGS, mask=torch.zeros(64, 64)).edits[0].frames
+    zeros = edit_video(backend, clip, edited(video)[None], unpasted, mask=torch.zeros(64, 64)).edits[0].frames
+    pasted = edit_video(backend, clip, edited(video)[None], MASK_SETTINGS, mask=torch.zeros(64, 64)).edits[0].frames
     assert torch.equal(ones, plain)
     assert torch.equal(zeros, clip)  # nothing may change: the source itself, not even a VAE round trip
     source_reconstruction = backend.decode(backend.encode(clip))  # what the unchanged source latent decodes to
     assert (plain - source_reconstruction).abs().max() > 0.1
+    assert torch.equal(pasted, clip)
 
 
 def test_bad_masks(backend, video):

@@ -222,7 +222,8 @@ BAD_INPUTS = {
                             "lower the overlap"),
     "overlap_above_clip": (lambda b, v, t: PipelineSettings(clip_length=3, overlap=5), ValueError, "lower the overlap"),
     "clip_length_1": (lambda b, v, t: PipelineSettings(clip_length=1), ValueError, "clip_length must be at least 2"),
-    "decode_chunk_0": (lambda b, v, t: PipelineSettings(decode_chunk=0), ValueError, "positive frame count"),
+    "memory_unknown": (lambda b, v, t: PipelineSettings(memory="lots"), ValueError, "memory must be one of auto"),
+    "memory_budget_0": (lambda b, v, t: PipelineSettings(memory=0), ValueError, "GiB budget > 0"),
     # matching
     "threshold_above_1": (lambda b, v, t: MatchSettings(thresholds=(0.35, 1.5)), ValueError, r"in \[0, 1\]"),
     "threshold_below_0": (lambda b, v, t: MatchSettings(thresholds=(-0.1, 0.35)), ValueError, r"in \[0, 1\]"),
@@ -321,16 +322,18 @@ def _oom(*args, **kwargs):
 @pytest.mark.parametrize("stage, where", [
     ("inversion", "backend.denoise"), ("motion-LoRA training", "training.training_step"),
     ("denoising", "pipeline.edit_clip"), ("VAE decoding", "backend.decode")])
-@pytest.mark.parametrize("low_vram", [False, True])
-def test_out_of_memory_names_low_vram_mode_or_a_smaller_size(backend, video, monkeypatch, stage, where, low_vram):
+@pytest.mark.parametrize("memory, lower", [("fast", "24gb"), ("24gb", "12gb"), ("12gb", None)])
+def test_out_of_memory_names_the_next_memory_setting_down(backend, video, monkeypatch, stage, where, memory, lower):
     owner, name = where.split(".")
     target = {"backend": backend, "training": training_module, "pipeline": pipeline_module}[owner]
     monkeypatch.setattr(target, name, _oom)
     with pytest.raises(OutOfMemory) as caught:
-        edit_video(backend, video, edited(video), replace(TRAINED, low_vram=low_vram))
+        edit_video(backend, video, edited(video), replace(TRAINED, memory=memory))
     message = str(caught.value)
     assert f"out of GPU memory during {stage}" in message and "smaller working size" in message
-    assert ("PipelineSettings(low_vram=True)" in message) is (not low_vram)  # no advice to switch on what is on
+    advised = [tier for tier in ("fast", "24gb", "12gb") if f"memory to '{tier}'" in message]
+    assert advised == ([lower] if lower else [])  # the next setting down, never the one in use
+    assert lower is not None or "already at its lowest setting ('12gb')" in message
     assert isinstance(caught.value, torch.cuda.OutOfMemoryError)  # hosts that free memory on OOM still see one
     assert type(caught.value.__cause__) is torch.cuda.OutOfMemoryError and "20.00 GiB" in str(caught.value.__cause__)
     assert not backend.lora_parameters()

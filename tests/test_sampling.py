@@ -3,7 +3,67 @@ import torch
 
 from i2vedit_core.inversion import InversionSettings, invert_clip, invert_clips
 from i2vedit_core.sampling import denoise, invert
-from i2vedit_core.schedule import denoising_sigmas, inversion_sigmas
+from i2vedit_core.schedule import denoising_sigmas, euler_step, inversion_sigmas, karras_sigmas
+
+# Gaussian data x0 ~ N(0, S^2) has the exact denoiser D(x, sigma) = x S^2 / (sigma^2 + S^2), so the
+# probability-flow ODE dx/dsigma = (x - D) / sigma = x sigma / (sigma^2 + S^2) has the closed-form solution
+# x(sigma) = x(sigma_a) sqrt((sigma^2 + S^2) / (sigma_a^2 + S^2)), and one Euler step multiplies x by
+# 1 + (sigma_next - sigma) sigma / (sigma^2 + S^2). The tests below pin both: a flipped sign, a wrong divisor
+# or a doubled step in euler_step changes every number here.
+S = 0.5
+
+
+def gaussian_denoiser(x, sigma, step=None):
+    return x * (S * S / (float(sigma) ** 2 + S * S))
+
+
+def exact_flow(x_start, sigma_start, sigma):
+    return x_start * ((sigma ** 2 + S * S) / (sigma_start ** 2 + S * S)) ** 0.5
+
+
+def euler_factor(sigma, sigma_next):
+    return 1 + (sigma_next - sigma) * sigma / (sigma * sigma + S * S)
+
+
+def test_one_euler_step_of_the_gaussian_ode_is_the_closed_form_factor():
+    x = torch.tensor([1.0, -2.0, 0.25], dtype=torch.float64)
+    for sigma, sigma_next in ((0.4, 0.9), (2.0, 1.0), (0.5, 0.1)):  # up (inversion) and down (sampling)
+        stepped = euler_step(x, gaussian_denoiser(x, sigma), sigma, sigma_next)
+        torch.testing.assert_close(stepped, x * euler_factor(sigma, sigma_next), rtol=1e-12, atol=0)
+    # 0.5 -> 0.1 by hand: derivative x * 0.5 / 0.5 = x, step -0.4: x * 0.6
+    torch.testing.assert_close(euler_step(x, gaussian_denoiser(x, 0.5), 0.5, 0.1), 0.6 * x, rtol=1e-12, atol=0)
+
+
+def test_inversion_trajectory_follows_euler_and_converges_to_the_ode_at_first_order():
+    x0 = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0)) * S
+    errors = []
+    for steps in (8, 16, 32, 64):
+        sigmas = torch.linspace(0.05, 4.0, steps + 1, dtype=torch.float64)
+        trajectory = invert(gaussian_denoiser, x0, sigmas)
+        factors = [euler_factor(float(a), float(b)) for a, b in zip(sigmas[:-1], sigmas[1:])]
+        expected = torch.stack([x0 * torch.tensor(factors[:k], dtype=torch.float64).prod().item()
+                                for k in range(steps + 1)])
+        torch.testing.assert_close(trajectory, expected, rtol=2e-6, atol=1e-7)  # every intermediate value
+        exact = torch.stack([exact_flow(x0, 0.05, float(sigma)) for sigma in sigmas])
+        errors.append(float((trajectory - exact).abs().max() / x0.abs().max()))
+    assert errors[0] > 1e-3, errors  # the test sees the discretisation error at all
+    ratios = [b / a for a, b in zip(errors, errors[1:])]
+    assert all(0.4 < r < 0.6 for r in ratios), (errors, ratios)  # first order: halving h halves the error
+
+
+def test_denoising_the_gaussian_ode_matches_the_exact_solution_at_first_order():
+    x_max = torch.randn(3, 5, generator=torch.Generator().manual_seed(1)) * (10.0 ** 2 + S * S) ** 0.5
+    seen, errors = [], []
+    for steps in (10, 20, 40, 80):
+        sigmas = torch.cat([karras_sigmas(steps, sigma_min=0.01, sigma_max=10.0), torch.zeros(1, dtype=torch.float64)])
+        out = denoise(gaussian_denoiser, x_max, sigmas, callback=seen.append)
+        # intermediate: the latent after step 0 is x_max times the first Euler factor
+        first = seen[-steps]["x"]
+        torch.testing.assert_close(first, x_max * euler_factor(float(sigmas[0]), float(sigmas[1])), rtol=1e-6, atol=0)
+        errors.append(float((out - exact_flow(x_max, 10.0, 0.0)).abs().max() / x_max.abs().max()))
+    assert errors[0] > 1e-3, errors
+    ratios = [b / a for a, b in zip(errors, errors[1:])]
+    assert all(0.35 < r < 0.65 for r in ratios), (errors, ratios)
 
 
 def test_perfect_denoiser_inverts_and_reconstructs_exactly():

@@ -115,10 +115,10 @@ def split_stages(edited_from, preset, lora_stage):
                                                            w=dict(preset=preset))])
 
 
-def train_stage(*extra, low_vram=False):
+def train_stage(*extra, memory="auto"):
     return stage("Motion LoRA", [dict(id=40, type="I2VEditTrainMotionLora", i=dict(MODELS, clips=(30, 0),
                                                                                   inversion=(31, 0)),
-                                      w=dict(low_vram=low_vram)), *extra])
+                                      w=dict(memory=memory)), *extra])
 
 
 STYLE_PREP, STYLE_PROPAGATE = split_stages((27, 0), "style", train_stage())
@@ -135,7 +135,7 @@ STYLE = dict(
 
 LONG_PREP, LONG_PROPAGATE = split_stages((4, 0), "local", train_stage(
     dict(id=41, type="I2VEditSaveMotionLora", i=dict(motion_lora=(40, 0)), w=dict(name="i2vedit/my_video")),
-    dict(id=42, type="PreviewImage", title="training loss", i=dict(images=(40, 1))), low_vram=True))
+    dict(id=42, type="PreviewImage", title="training loss", i=dict(images=(40, 1))), memory="24gb"))
 LONG = dict(
     note=note("A long video over several clips, saving the motion LoRA.\n\nChange first:\n1) the video and the "
               "edited frame 0,\n2) frames_per_clip (14 for svd, 25 for svd_xt),\n3) the LoRA name.\n\nClips hand the "

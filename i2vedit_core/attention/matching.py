@@ -5,6 +5,8 @@ Both terms are fused attention calls (M is per query row, so it factors out of t
 only d needs a custom reduction (distance.py). No N×N map is ever held.
 """
 
+import functools
+import warnings
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -58,12 +60,30 @@ def matched_attention(q_src: torch.Tensor, k_src: torch.Tensor, q: torch.Tensor,
 def attention_with_lse(q, k, v, want_lse: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Fused attention, plus each row's log-sum-exp where flash attention on CUDA gives it for free."""
     if want_lse and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        try:
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)[:2]
-            return out, lse
-        except RuntimeError:  # shapes flash does not take: plain SDPA, the kernel finds the lse itself
-            pass
+        fused = flash_with_lse(torch.ops.aten._scaled_dot_product_flash_attention, q, k, v)
+        if fused is not None:
+            return fused
     return F.scaled_dot_product_attention(q, k, v), None
+
+
+def flash_with_lse(flash, q, k, v) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """(out, lse) from the flash kernel, or None where it refuses the call (head size, layout): then plain
+    SDPA runs and the distance kernel finds the lse itself. Out of memory is not a refusal: re-raised."""
+    try:
+        out, lse = flash(q, k, v, 0.0, False, False)[:2]
+        return out, lse
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except RuntimeError as error:
+        _warn_flash_fallback(str(error).splitlines()[0] if str(error) else type(error).__name__)
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_flash_fallback(reason: str) -> None:
+    """Once per distinct reason: every attention call of every step would hit the same refusal."""
+    warnings.warn(f"flash attention refused the matched-attention call ({reason}); using plain SDPA "
+                  f"(slower, same result)", RuntimeWarning, stacklevel=3)
 
 
 def _triton_ready(q) -> bool:

@@ -46,6 +46,10 @@ class SVDBackend(Protocol):
     device: torch.device
     latent_scale: float  # VAE scaling factor (0.18215 for SVD)
 
+    def identity(self) -> str:
+        """A fingerprint of the weights (not of the Python object): equal for the same model loaded twice,
+        different after any weight change. Cache keys use it; a backend without it cannot be cached."""
+
     def encode(self, frames: torch.Tensor, chunk_size: int = 8, generator=None) -> torch.Tensor:
         """VAE mode of each frame, scaled: (N, 4, H/8, W/8) float32. generator: a draw from the posterior
         instead (mean + std·ε, ε one draw of the whole batch; the official inversion's `.sample()`)."""
@@ -93,5 +97,6 @@ class LoraBackend(Protocol):
         slot "clip0": a second, inference-only weight set beside the attached one (clip 0's LoRA), run by
         `denoise(..., lora_slot="clip0")`; detach_lora removes both."""
 
-    def lora_training(self, gradient_checkpointing: bool = False) -> ContextManager:
-        """Context for training: adapter dropout active, optional gradient checkpointing; restored after."""
+    def lora_training(self, gradient_checkpointing=False) -> ContextManager:
+        """Context for training: adapter dropout active, optional gradient checkpointing (False, True or
+        a level count: the layers of `memory.checkpointed_levels`); restored after."""

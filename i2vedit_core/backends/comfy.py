@@ -22,13 +22,14 @@ comfy_training.py). They are installed once, pass straight through when unused, 
 applies them at load and removes them at unload (`release()`).
 """
 
+import contextlib
 import hashlib
 from typing import List, Optional
 
 import torch
 from kornia.geometry.transform import resize
 
-from . import comfy_attention, comfy_lora, comfy_training
+from . import comfy_attention, comfy_lora, comfy_model_lora, comfy_training
 from .base import Conditioning
 from .comfy_attention import CONTROLLER_KEY
 
@@ -40,26 +41,32 @@ IDENTITY_SAMPLE = 4096  # elements hashed per sampled weight: enough to tell che
 class ComfyBackend:
     """Implements `SVDBackend` on ComfyUI's MODEL, CLIP_VISION and VAE (see the module docstring)."""
 
-    def __init__(self, model, clip_vision, vae):
+    def __init__(self, model, clip_vision, vae, lora_from_model: bool = False):
+        """lora_from_model: take a motion LoRA loaded onto MODEL (LoraLoaderModelOnly) as this backend's
+        adapter (comfy_model_lora.py), in `model_lora`; `denoise(lora_scale=1)` then runs it."""
         check_svd_model(model)
         check_clip_vision(clip_vision)
         check_vae(vae)
         # Attention and LoRA patches go on this clone only; the caller's MODEL stays as given.
         self.patcher = model.clone()
         self.clip_vision, self.vae = clip_vision, vae
-        self._incoming_patches = (bool(model.patches), str(model.patches_uuid))
         unet = self.patcher.model.diffusion_model
         self.attn1 = comfy_attention.attn1_modules(unet)
         if len(self.attn1) != 32:
             raise ValueError(NOT_SVD_MODEL.format(found=f"{len(self.attn1)} self-attention layers, SVD has 32"))
         self.lora, self.checkpointing = comfy_lora.LoraState(), comfy_training.Switch()
         self.linears = comfy_lora.adaptable_linears(unet)
+        self.model_lora = comfy_model_lora.take_motion_lora(self.patcher, self.linears) if lora_from_model else None
+        self._incoming_patches = (bool(self.patcher.patches), str(self.patcher.patches_uuid))
         comfy_attention.install(self.patcher, self.attn1)
         comfy_lora.install(self.patcher, self.linears, self.lora)
         comfy_training.install_checkpointing(self.patcher, unet, self.checkpointing)
         self.device = torch.device(self.patcher.load_device)
         self.latent_format = self.patcher.get_model_object("latent_format")
         self.latent_scale = float(self.latent_format.scale_factor)
+        self.offload = False
+        if self.model_lora is not None:
+            self.load_lora(self.model_lora)
 
     # --- VAE ---------------------------------------------------------------------------------
 
@@ -122,19 +129,26 @@ class ComfyBackend:
             chunks = comfy_attention.chunks_for(attention.rows)
         self.load(x.shape)
         if comfy_training.trainable_now():
-            comfy_training.replace_inference_tensors(self.patcher.model)
+            comfy_training.replace_inference_tensors(self.patcher.model, self.checkpointing.swapped)
         flat, inputs = self._unet_inputs(x, cond)
         sigmas = torch.full((flat.shape[0],), float(sigma), dtype=torch.float32, device=self.device)
         inputs["transformer_options"] = options = denoise_transformer_options(self.patcher, chunks, sigmas)
         if attention is not None:
             options[CONTROLLER_KEY] = attention
-        previous = self.lora.scale, self.lora.slot
-        self.lora.scale, self.lora.slot = float(lora_scale), lora_slot
-        try:
+        with self.lora_scale(lora_scale, lora_slot):
             out = call_apply_model(self.patcher, flat, sigmas, inputs, chunks)
+        return out.float().view_as(x)
+
+    @contextlib.contextmanager
+    def lora_scale(self, scale: float, slot: str = "clip"):
+        """The motion LoRA in `slot` ("clip": the attached one, "clip0": clip 0's inference-only set) at
+        absolute `scale` for the UNet calls inside (0 = base model)."""
+        previous = self.lora.scale, self.lora.slot
+        self.lora.scale, self.lora.slot = float(scale), slot
+        try:
+            yield
         finally:
             self.lora.scale, self.lora.slot = previous
-        return out.float().view_as(x)
 
     def _unet_inputs(self, x: torch.Tensor, cond: Conditioning):
         """Frames flattened into ComfyUI's batch axis, plus SVD's concat latent, CLIP context and adm."""
@@ -170,9 +184,12 @@ class ComfyBackend:
     def load_lora(self, lora, slot: str = "clip") -> None:
         comfy_lora.load(self.lora, self.linears, lora, self.device, slot)
 
-    def lora_training(self, gradient_checkpointing: bool = False):
-        """Inference mode off (ComfyUI runs nodes inside it), LoRA dropout on, optional checkpointing."""
-        return comfy_training.training_mode(self.lora, self.checkpointing, gradient_checkpointing)
+    def lora_training(self, gradient_checkpointing=False):
+        """Inference mode off (ComfyUI runs nodes inside it), LoRA dropout on, optional checkpointing
+        (False, True or a level count: `memory.checkpointed_levels`)."""
+        levels = len(self.patcher.model.diffusion_model.channel_mult)
+        return comfy_training.training_mode(self.lora, self.checkpointing, gradient_checkpointing, levels,
+                                            self.patcher.model)
 
     # --- cache identity ----------------------------------------------------------------------
 
@@ -196,6 +213,17 @@ class ComfyBackend:
 
     # --- ComfyUI memory management -----------------------------------------------------------
 
+    def free_memory(self) -> int:
+        """Free memory of the device as ComfyUI counts it (the memory policy's "auto" reads it)."""
+        import comfy.model_management as mm
+
+        return int(mm.get_free_memory(self.device))
+
+    def set_offload(self, offload: bool) -> None:
+        """Offloading: before the UNet loads, ComfyUI unloads every other model from the device (the VAE
+        and CLIP vision come back on their next call). Without it ComfyUI still offloads under pressure."""
+        self.offload = bool(offload)
+
     def load(self, latent_shape: Optional[torch.Size] = None) -> None:
         """Load the clone through ComfyUI's model management (respects its offloading); no-op if loaded."""
         import comfy.model_management as mm
@@ -205,6 +233,8 @@ class ComfyBackend:
         memory = 0
         if latent_shape is not None:
             memory = self.patcher.model.memory_required([latent_shape[0] * latent_shape[1], *latent_shape[2:]])
+        if self.offload and self.device.type == "cuda":  # ComfyUI's own unloading, asked for everything
+            mm.free_memory(mm.get_total_memory(self.device), self.device)
         mm.load_models_gpu([self.patcher], memory_required=memory)
         self.patcher.pre_run()
 

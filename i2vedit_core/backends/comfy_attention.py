@@ -18,6 +18,7 @@ import torch
 
 from ..attention.site import AttentionSite, BatchLayout
 from .sgm_unet_keys import sgm_key_to_diffusers
+from .twins import merge_heads, split_heads
 
 CONTROLLER_KEY = "i2vedit"
 SPATIAL_SUFFIX = ".transformer_blocks.0.attn1"
@@ -50,8 +51,8 @@ class ControlledAttn1:
         q, k, v = m.to_q(x), m.to_k(context), m.to_v(context if value is None else value)
         batch, seq, _ = q.shape
         site = self.site_of(options, attention, batch, seq)
-        out = attention(_heads(q, m.heads), _heads(k, m.heads), _heads(v, m.heads), site)
-        return m.to_out(out.transpose(1, 2).reshape(batch, seq, -1).to(q.dtype))
+        out = attention(split_heads(q, m.heads), split_heads(k, m.heads), split_heads(v, m.heads), site)
+        return m.to_out(merge_heads(out, q.dtype))
 
     def site_of(self, options: dict, attention, batch: int, seq: int) -> AttentionSite:
         """This call's site: rows from the pass, frames and token grid from ComfyUI's recorded shapes."""
@@ -99,14 +100,14 @@ def chunks_for(rows) -> List[int]:
     return [ROLE_CHUNK[role] for role in rows]
 
 
-def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
-
-
 def _downscale(path: str, per_block: int, levels: int) -> int:
-    """Latent width / layer width from the SGM block index (input block i is at level (i-1)//per)."""
+    """Latent width / layer width."""
+    return 2 ** level_of(path, per_block, levels)
+
+
+def level_of(path: str, per_block: int, levels: int) -> int:
+    """Resolution level (0 = finest) from the SGM block index (input block i is at level (i-1)//per)."""
     block, index = path.split(".")[:2]
     if block == "middle_block":
-        return 2 ** (levels - 1)
-    level = (int(index) - 1) // per_block if block == "input_blocks" else levels - 1 - int(index) // per_block
-    return 2 ** level
+        return levels - 1
+    return (int(index) - 1) // per_block if block == "input_blocks" else levels - 1 - int(index) // per_block

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..lora import (SVD_TEMPORAL_SITES, TEMPORAL_LINEARS, LoraSpec, MotionLora, check_fits, check_rank_fits,
                     motion_lora_from_pairs)
+from .twins import lora_down_init, lora_generator, needs_fresh_adapter
 
 TEMPORAL_BLOCK_SUFFIX = ".time_stack.0"
 
@@ -105,11 +106,11 @@ def attach(state: LoraState, linears: Dict[str, torch.nn.Module], spec: LoraSpec
     tensors could not be trained.
     """
     check_rank_fits(spec, targets(linears, spec))
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    generator = lora_generator(generator)
     state.clear()
     with torch.inference_mode(False), torch.no_grad():
         for path, (out_features, in_features) in targets(linears, spec).items():
-            down = torch.randn((spec.rank, in_features), generator=generator) / spec.rank
+            down = lora_down_init((spec.rank, in_features), spec.rank, generator)
             state.down[path] = torch.nn.Parameter(down.to(device))
             state.up[path] = torch.nn.Parameter(torch.zeros(out_features, spec.rank, device=device))
     state.spec = spec
@@ -137,7 +138,7 @@ def load(state: LoraState, linears: Dict[str, torch.nn.Module], lora: MotionLora
                            for path in targets(linears, lora.spec)}
         return
     current = state.spec
-    if current is None or not current.same_shape(lora.spec) or current.dropout != lora.spec.dropout:
+    if needs_fresh_adapter(current, lora.spec):
         attach(state, linears, lora.spec, device)
     with torch.inference_mode(False), torch.no_grad():
         for path in state.down:

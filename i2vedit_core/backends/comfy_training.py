@@ -2,13 +2,17 @@
 
 ComfyUI runs every node under `torch.inference_mode()`, so the loaded UNet's parameters and the
 node's input tensors are inference tensors, which autograd may not save for backward. Training
-therefore runs inside `torch.inference_mode(False)` and, before each differentiable forward, the
-inference-tensor parameters and buffers are replaced by clones (same values; harmless for the
-shared model, and ModelPatcher's weight backups still restore what it patched).
+therefore runs inside `torch.inference_mode(False)` and, before the first differentiable forward, the
+inference-tensor parameters and buffers are replaced by clones (same values). This is the one place
+that touches the shared BaseModel's own attributes (ComfyUI has no extension point for it): the
+originals are recorded and put back, the same objects, when training ends, before ModelPatcher
+restores what it patched (tests/host/test_comfy_model_untouched.py checks identity, values and
+inference-ness afterwards).
 
 Gradient checkpointing wraps the heavy layers of the UNet's blocks (VideoResBlock and
 SpatialVideoTransformer, as core TrainLoraNode's `patch` does for top-level children) with
-object-patched forwards that checkpoint only while switched on and autograd is recording.
+object-patched forwards that checkpoint only while their resolution level is switched on
+(`memory.checkpointed_levels`, the set the diffusers backend checkpoints too) and autograd is recording.
 """
 
 from contextlib import contextmanager
@@ -17,33 +21,40 @@ from typing import Iterator
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..memory import checkpointed_levels
+from .comfy_attention import level_of
+
 HEAVY_LAYERS = ("VideoResBlock", "SpatialVideoTransformer")
 
 
 class Switch:
-    """A flag the object patches of one backend read (they are shared, the flag is per backend)."""
+    """Training state of one backend: the checkpointed levels its object patches read, and the shared
+    model's inference tensors swapped out while training (name -> original object)."""
 
     def __init__(self):
-        self.on = False
+        self.levels = frozenset()
+        self.swapped = {}
 
 
 class CheckpointedForward:
-    """Replacement `forward` of one UNet layer: recomputed in backward while `switch.on`."""
+    """Replacement `forward` of one UNet layer: recomputed in backward while its level is switched on."""
 
-    def __init__(self, module: torch.nn.Module, switch: Switch):
-        self.module, self.switch = module, switch
+    def __init__(self, module: torch.nn.Module, level: int, switch: Switch):
+        self.module, self.level, self.switch = module, level, switch
 
     def __call__(self, *args, **kwargs):
         forward = type(self.module).forward
-        if self.switch.on and torch.is_grad_enabled():
+        if self.level in self.switch.levels and torch.is_grad_enabled():
             return checkpoint(forward, self.module, *args, use_reentrant=False, **kwargs)
         return forward(self.module, *args, **kwargs)
 
 
 def install_checkpointing(patcher, diffusion_model, switch: Switch) -> None:
+    per_block, levels = int(diffusion_model.num_res_blocks[0]) + 1, len(diffusion_model.channel_mult)
     for path, module in diffusion_model.named_modules():
         if type(module).__name__ in HEAVY_LAYERS and path.startswith(("input_blocks.", "middle_block.", "output_blocks.")):
-            patcher.add_object_patch(f"diffusion_model.{path}.forward", CheckpointedForward(module, switch))
+            forward = CheckpointedForward(module, level_of(path, per_block, levels), switch)
+            patcher.add_object_patch(f"diffusion_model.{path}.forward", forward)
 
 
 def trainable_now() -> bool:
@@ -51,20 +62,32 @@ def trainable_now() -> bool:
     return torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
 
 
-def replace_inference_tensors(model: torch.nn.Module) -> int:
-    """Swap inference-tensor parameters and buffers of `model` for normal clones; returns how many."""
+def replace_inference_tensors(model: torch.nn.Module, swapped: dict) -> int:
+    """Swap inference-tensor parameters and buffers of `model` for normal clones, recording the originals
+    in `swapped` (put back by `restore_inference_tensors`); returns how many were swapped now."""
     import comfy.utils
 
-    swapped = 0
+    count = 0
     for name, p in list(model.named_parameters()):
         if p.is_inference():
+            swapped.setdefault(name, p)
             comfy.utils.set_attr_param(model, name, p.clone())
-            swapped += 1
+            count += 1
     for name, b in list(model.named_buffers()):
         if b.is_inference():
+            swapped.setdefault(name, b)
             comfy.utils.set_attr(model, name, b.clone())
-            swapped += 1
-    return swapped
+            count += 1
+    return count
+
+
+def restore_inference_tensors(model: torch.nn.Module, swapped: dict) -> None:
+    """Put the recorded original objects back (comfy.utils.set_attr keeps the object, unlike set_attr_param)."""
+    import comfy.utils
+
+    for name, original in swapped.items():
+        comfy.utils.set_attr(model, name, original)
+    swapped.clear()
 
 
 def normal(t: torch.Tensor) -> torch.Tensor:
@@ -73,19 +96,20 @@ def normal(t: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def training_mode(lora_state, switch: Switch, gradient_checkpointing: bool) -> Iterator[None]:
+def training_mode(lora_state, switch: Switch, gradient_checkpointing, levels: int, model) -> Iterator[None]:
     """Inference mode off, LoRA dropout active, checkpointing switched as asked; all restored after."""
     import comfy.model_management as mm
 
     had_flag = hasattr(mm, "in_training")  # newer ComfyUI switches to out-of-place ops with it
-    previous = (lora_state.dropout_active, switch.on, getattr(mm, "in_training", None))
-    lora_state.dropout_active, switch.on = True, bool(gradient_checkpointing)
+    previous = (lora_state.dropout_active, switch.levels, getattr(mm, "in_training", None))
+    lora_state.dropout_active, switch.levels = True, checkpointed_levels(levels, gradient_checkpointing)
     if had_flag:
         mm.in_training = True
     try:
         with torch.inference_mode(False):
             yield
     finally:
-        lora_state.dropout_active, switch.on = previous[0], previous[1]
+        lora_state.dropout_active, switch.levels = previous[0], previous[1]
+        restore_inference_tensors(model, switch.swapped)
         if had_flag:
             mm.in_training = previous[2]

@@ -4,6 +4,7 @@ The CI backend: the whole algorithm runs on it with tiny random-weight models. L
 disk lives in `diffusers_loading.py`.
 """
 
+from contextlib import ExitStack, contextmanager
 from typing import Optional
 
 import torch
@@ -11,9 +12,13 @@ from kornia.geometry.transform import resize
 
 from ..schedule import edm_v_preconditioning
 from .base import Conditioning
-from .diffusers_attention import use_attention
-from . import diffusers_lora
-from .diffusers_lora import use_lora_scale
+from .standalone import check_versions
+
+check_versions()  # before anything touches diffusers/peft: a clear message instead of an AttributeError later
+from .diffusers_attention import use_attention  # noqa: E402
+from . import diffusers_lora  # noqa: E402
+from .diffusers_checkpointing import checkpointing  # noqa: E402
+from .diffusers_lora import use_lora_scale  # noqa: E402
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -28,14 +33,16 @@ class DiffusersBackend:
         self.dtype = next(unet.parameters()).dtype
         self.latent_scale = float(vae.config.scaling_factor)
         self.clip_size = int(image_encoder.config.image_size)
+        self.offload = False
         for module in (unet, vae, image_encoder):
             module.eval().requires_grad_(False)
 
     @torch.no_grad()
     def encode(self, frames: torch.Tensor, chunk_size: int = 8, generator=None) -> torch.Tensor:
         vae_dtype = self.vae.dtype
-        posteriors = [self.vae.encode(chunk.to(self.device, vae_dtype)).latent_dist
-                      for chunk in frames.split(chunk_size)]
+        with self._on_device(self.vae) as vae:
+            posteriors = [vae.encode(chunk.to(self.device, vae_dtype)).latent_dist
+                          for chunk in frames.split(chunk_size)]
         mode = torch.cat([p.mode() for p in posteriors])
         if generator is None:
             return mode.float() * self.latent_scale
@@ -48,9 +55,10 @@ class DiffusersBackend:
     def decode(self, latents: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
         vae_dtype = self.vae.dtype
         frames = []
-        for chunk in latents.split(chunk_size):
-            z = (chunk / self.latent_scale).to(self.device, vae_dtype)
-            frames.append(self.vae.decode(z, num_frames=len(chunk)).sample.float())
+        with self._on_device(self.vae) as vae:
+            for chunk in latents.split(chunk_size):
+                z = (chunk / self.latent_scale).to(self.device, vae_dtype)
+                frames.append(vae.decode(z, num_frames=len(chunk)).sample.float())
         return torch.cat(frames).clamp(-1, 1)
 
     @torch.no_grad()
@@ -63,7 +71,8 @@ class DiffusersBackend:
         mean = torch.tensor(CLIP_MEAN, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(CLIP_STD, device=self.device).view(1, 3, 1, 1)
         pixels = ((pixels - mean) / std).to(self.image_encoder.dtype)
-        return self.image_encoder(pixels).image_embeds.float()
+        with self._on_device(self.image_encoder) as encoder:
+            return encoder(pixels).image_embeds.float()
 
     def denoise(self, x: torch.Tensor, sigma: float, cond: Conditioning, attention=None,
                 lora_scale: float = 1.0, lora_slot: str = "clip") -> torch.Tensor:
@@ -86,6 +95,9 @@ class DiffusersBackend:
         digest = hashlib.sha256(str(self.dtype).encode())
         for module in (self.unet, self.vae, self.image_encoder):
             config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
+            # "_" entries are bookkeeping (load path, a list of defaults in set order, which varies
+            # with each process's hash seed): they would give another key in another process.
+            config = {k: v for k, v in config.items() if not k.startswith("_")}
             digest.update(json.dumps(config, sort_keys=True, default=str).encode())
             # Sum and sum of squares of every tensor: touches all weights, one small copy to the host.
             with torch.no_grad():
@@ -110,5 +122,30 @@ class DiffusersBackend:
     def load_lora(self, lora, slot: str = "clip"):
         diffusers_lora.load_lora(self.unet, lora, slot)
 
-    def lora_training(self, gradient_checkpointing: bool = False):
-        return diffusers_lora.lora_training(self.unet, gradient_checkpointing)
+    def lora_training(self, gradient_checkpointing=False):
+        """gradient_checkpointing: False, True or a level count (`memory.checkpointed_levels`)."""
+        stack = ExitStack()
+        stack.enter_context(diffusers_lora.lora_training(self.unet))
+        stack.enter_context(checkpointing(self.unet, gradient_checkpointing))
+        return stack
+
+    # Memory policy hooks (pipeline.memory_plan): free memory for "auto", offloading of VAE and CLIP.
+    def free_memory(self) -> int:
+        return torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else 0
+
+    def set_offload(self, offload: bool) -> None:
+        self.offload = bool(offload) and self.device.type == "cuda"
+        for module in (self.vae, self.image_encoder):
+            module.to("cpu" if self.offload else self.device)
+
+    @contextmanager
+    def _on_device(self, module):
+        """`module` on the device for one call; back to the CPU afterwards when offloading."""
+        if not self.offload:
+            yield module
+            return
+        module.to(self.device)
+        try:
+            yield module
+        finally:
+            module.to("cpu")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Iterator, List, Tuple
 
 from ..attention.site import AttentionSite, BatchLayout
+from .twins import downscale, merge_heads, split_heads
 
 SPATIAL_SUFFIX = ".transformer_blocks.0.attn1"
 TEMPORAL_SUFFIX = ".temporal_transformer_blocks.0.attn1"
@@ -37,9 +38,8 @@ class ControlledAttnProcessor:
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError(f"{self.site.path}: attention control handles self-attention without a mask only")
         batch, seq, _ = hidden_states.shape
-        q, k, v = (_heads(proj(hidden_states), attn.heads) for proj in (attn.to_q, attn.to_k, attn.to_v))
-        out = self.attention(q, k, v, self._site(batch, seq))
-        out = out.transpose(1, 2).reshape(batch, seq, -1).to(q.dtype)
+        q, k, v = (split_heads(proj(hidden_states), attn.heads) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        out = merge_heads(self.attention(q, k, v, self._site(batch, seq)), q.dtype)
         return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
 
     def _site(self, batch: int, seq: int) -> AttentionSite:
@@ -91,17 +91,12 @@ def _read_input(unet_input: _Input, args, kwargs) -> None:
     unet_input.latent_hw = tuple(sample.shape[-2:])
 
 
-def _heads(x, heads: int):
-    return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
-
-
 def _downscale(path: str, levels: int) -> int:
-    """Latent width / layer width: down block i is 2**i below the latent, up block j mirrors it."""
+    """The diffusers block index is the level (down block i, up block j counted from the bottom)."""
     block, index = path.split(".")[:2]
     if block == "mid_block":
-        return 2 ** (levels - 1)
-    level = int(index) if block == "down_blocks" else levels - 1 - int(index)
-    return 2 ** level
+        return downscale("mid", 0, levels)
+    return downscale("down" if block == "down_blocks" else "up", int(index), levels)
 
 
 def _grid(latent_hw: Tuple[int, int], downscale: int) -> Tuple[int, int]:

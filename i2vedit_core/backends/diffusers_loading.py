@@ -77,7 +77,7 @@ def unet_from_sgm_state_dict(tensors: dict, path: PathLike, head_dim: int = 64):
         config = infer_unet_config({k: tuple(v.shape) for k, v in unet_sd.items()}, head_dim)
         converted = sgm_unet_to_diffusers(unet_sd, config["layers_per_block"])
     except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
+        raise ValueError(f"{path}: {err}") from err
     with torch.device("meta"):
         unet = UNetSpatioTemporalConditionModel(**config)
     _load_exact(unet, converted, Path(path), "UNet")
@@ -97,7 +97,7 @@ def read_safetensors(path: Path) -> dict:
             return {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # safetensors raises several types for corrupt/truncated headers
         raise ValueError(f"{path} is not a readable .safetensors file ({err}); "
-                         "re-download it or check that the copy is complete") from None
+                         "re-download it or check that the copy is complete") from err
 
 
 def _single_file_vae(tensors: dict, path: Path):
@@ -111,7 +111,7 @@ def _single_file_vae(tensors: dict, path: Path):
         converted = sgm_vae_to_diffusers(vae_sd)
         config = vae_config_from_shapes({k: tuple(v.shape) for k, v in converted.items()})
     except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
+        raise ValueError(f"{path}: {err}") from err
     with torch.device("meta"):
         vae = AutoencoderKLTemporalDecoder(**config)
     _load_exact(vae, converted, path, "VAE")
@@ -130,7 +130,7 @@ def _single_file_clip(tensors: dict, path: Path):
         converted = openclip_vision_to_transformers(clip_sd)
         config = CLIPVisionConfig(**clip_vision_config_from_shapes({k: tuple(v.shape) for k, v in converted.items()}))
     except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
+        raise ValueError(f"{path}: {err}") from err
     clip = CLIPVisionModelWithProjection(config)  # not on meta: it has non-persistent buffers to build
     _load_exact(clip, converted, path, "CLIP image encoder", assign=False)
     return clip

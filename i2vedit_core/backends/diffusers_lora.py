@@ -20,6 +20,7 @@ import torch
 
 from ..lora import LoraSpec, MotionLora, check_fits, check_rank_fits, motion_lora_from_pairs
 from .sgm_unet_keys import diffusers_key_to_sgm
+from .twins import lora_down_init, lora_generator, needs_fresh_adapter
 
 ADAPTER = "i2vedit_motion"
 SLOTS = {"clip": ADAPTER, "clip0": "i2vedit_clip0"}  # LoRA slot -> peft adapter name
@@ -78,14 +79,14 @@ def attach_lora(unet, spec: LoraSpec, generator: Optional[torch.Generator] = Non
     # peft draws its own init from the global RNG; fork it so attaching has no effect on other code.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         inject_adapter_in_model(config, unet, adapter_name=ADAPTER)
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    generator = lora_generator(generator)
     with torch.no_grad():
         for layer in lora_layers(unet).values():
             down = layer.lora_A[ADAPTER]
             up = layer.lora_B[ADAPTER] = OutputDropoutLinear(spec.rank, layer.out_features, spec.dropout)
             layer.train(unet.training)  # peft builds its modules in train mode: dropout would act at inference
             down.float(), up.to(down.weight.device)  # LoRA weights train in fp32 whatever the base dtype
-            init = torch.randn(down.weight.shape, generator=generator) / spec.rank
+            init = lora_down_init(tuple(down.weight.shape), spec.rank, generator)
             down.weight.copy_(init.to(down.weight.device))
             up.weight.zero_()
             down.weight.requires_grad_(True), up.weight.requires_grad_(True)
@@ -128,7 +129,7 @@ def load_lora(unet, lora: MotionLora, slot: str = "clip") -> None:
     if adapter_of(slot) != ADAPTER:
         return _load_second(unet, lora, adapter_of(slot))
     current = attached_spec(unet)
-    if current is None or not current.same_shape(lora.spec) or current.dropout != lora.spec.dropout:
+    if needs_fresh_adapter(current, lora.spec):
         attach_lora(unet, lora.spec)
     with torch.no_grad():
         for name, layer in lora_layers(unet).items():
@@ -232,83 +233,16 @@ def _set_enabled(layers, states) -> None:
 
 
 @contextmanager
-def lora_training(unet, gradient_checkpointing: bool = False):
-    """Dropout of the adapter active and, optionally, diffusers' gradient checkpointing, for the duration.
-
-    The rest of the UNet stays in eval mode (the backend's state); only the LoRA dropout trains.
-    """
+def lora_training(unet):
+    """Dropout of the adapter active for the duration; the rest of the UNet stays in eval mode."""
     dropouts = [layer.lora_B[ADAPTER].dropout for layer in lora_layers(unet).values()]
-    was_checkpointing = bool(getattr(unet, "is_gradient_checkpointing", False))
     for module in dropouts:
         module.train()
-    if gradient_checkpointing and not was_checkpointing:
-        unet.enable_gradient_checkpointing()
-        for block in _coarse_blocks(unet):
-            block.gradient_checkpointing = False
-    checkpointed = _checkpoint_transformers(unet) if gradient_checkpointing else []
     try:
         yield
     finally:
         for module in dropouts:
             module.eval()
-        for module in checkpointed:
-            del module.forward  # back to the class's forward
-        if gradient_checkpointing and not was_checkpointing:
-            unet.disable_gradient_checkpointing()
-
-
-def _checkpoint_transformers(unet) -> list:
-    """Recompute the fine-level spatio-temporal transformers in backward instead of keeping their activations.
-
-    diffusers checkpoints the resnets, but its transformer checkpointing only acts in train mode
-    (the UNet stays in eval mode) and never covers the temporal blocks, whose activations dominate.
-    """
-    from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel
-    from torch.utils.checkpoint import checkpoint
-
-    coarse = {id(m) for block in _coarse_blocks(unet) for m in block.modules()}
-    modules = [m for m in unet.modules() if isinstance(m, TransformerSpatioTemporalModel) and id(m) not in coarse]
-    for module in modules:
-        module.forward = _checkpointed(module, module.forward, checkpoint)
-    return modules
-
-
-def _coarse_blocks(unet, fine_levels: int = 2) -> list:
-    """Blocks below the `fine_levels` finest resolutions, left out of checkpointing.
-
-    Per layer a coarser level costs as much compute (4x fewer tokens, 2x wider) but holds a quarter
-    of the activations, so recomputing it buys little memory for its time.
-    """
-    levels = len(unet.down_blocks)
-    down = [b for i, b in enumerate(unet.down_blocks) if i >= fine_levels]
-    up = [b for i, b in enumerate(unet.up_blocks) if levels - 1 - i >= fine_levels]
-    return down + up + [unet.mid_block]
-
-
-def _checkpointed(module, forward, checkpoint):
-    """forward under activation checkpointing, recomputed with the attention processors it ran with.
-
-    Processors are swapped per call by `use_attention` (attention control, skip-interval); backward
-    runs after the call has restored the defaults, so the recompute reinstalls the call's own.
-    """
-    attentions = [m for m in module.modules() if hasattr(m, "set_processor") and hasattr(m, "processor")]
-
-    def call(*args, **kwargs):
-        processors = [m.processor for m in attentions]
-
-        def run(*inner_args, **inner_kwargs):
-            current = [m.processor for m in attentions]
-            for m, p in zip(attentions, processors):
-                m.processor = p
-            try:
-                return forward(*inner_args, **inner_kwargs)
-            finally:
-                for m, p in zip(attentions, current):
-                    m.processor = p
-
-        return checkpoint(run, *args, use_reentrant=False, **kwargs)
-
-    return call
 
 
 def _adapter_params(layer) -> List[torch.nn.Parameter]:

@@ -150,7 +150,7 @@ def clip_vision_config_from_shapes(shapes: Mapping[str, Sequence[int]],
         intermediate = _shape(shapes["vision_model.encoder.layers.0.mlp.fc1.weight"])[0]
         projection = _shape(shapes["visual_projection.weight"])[0]
     except KeyError as err:
-        raise ValueError(f"the OpenCLIP image encoder lacks {err.args[0]}: not an OpenCLIP ViT") from None
+        raise ValueError(f"the OpenCLIP image encoder lacks {err.args[0]}: not an OpenCLIP ViT") from err
     grid = round((positions - 1) ** 0.5)
     if grid * grid != positions - 1:
         raise ValueError(f"the OpenCLIP image encoder has {positions} positions, not 1 + a square grid")

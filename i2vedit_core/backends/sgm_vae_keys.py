@@ -168,7 +168,7 @@ def vae_config_from_shapes(shapes: Mapping[str, Sequence[int]]) -> dict:
         out_channels = _shape(shapes["decoder.conv_out.weight"])[0]
         moments = _shape(shapes["encoder.conv_out.weight"])[0]
     except KeyError as err:
-        raise ValueError(f"first_stage_model has no tensor for diffusers' {err.args[0]}: not an SVD VAE") from None
+        raise ValueError(f"first_stage_model has no tensor for diffusers' {err.args[0]}: not an SVD VAE") from err
     if moments != 2 * latent:
         raise ValueError(f"first_stage_model encoder outputs {moments} channels for {latent} latent channels "
                          "(expected 2x: mean and log-variance): not an SVD VAE")

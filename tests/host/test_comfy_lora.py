@@ -111,7 +111,7 @@ def _train(backend, checkpointing: bool):
 def test_training_fails_without_replacing_inference_tensors(inference_backend, monkeypatch):
     from i2vedit_core.backends import comfy_training
 
-    monkeypatch.setattr(comfy_training, "replace_inference_tensors", lambda model: 0)
+    monkeypatch.setattr(comfy_training, "replace_inference_tensors", lambda model, swapped: 0)
     with pytest.raises(RuntimeError, match="[Ii]nference tensors"):
         _train(inference_backend, False)
     assert inference_backend.lora.spec is None  # train_motion_lora detaches on error
@@ -121,7 +121,10 @@ def test_training_runs_under_comfy_inference_mode(inference_backend, monkeypatch
     from i2vedit_core.backends import comfy_training
 
     before = {k: v.clone() for k, v in inference_backend.patcher.model.state_dict().items()}
+    objects = {name: (p, p.is_inference()) for name, p in inference_backend.patcher.model.named_parameters()}
     plain = _train(inference_backend, False)
+    after_one = dict(inference_backend.patcher.model.named_parameters())
+    assert all(after_one[n] is p and p.is_inference() == was for n, (p, was) in objects.items())  # put back
     recomputed = []
     original = comfy_training.checkpoint
     monkeypatch.setattr(comfy_training, "checkpoint", lambda *a, **k: recomputed.append(1) or original(*a, **k))
@@ -135,7 +138,8 @@ def test_training_runs_under_comfy_inference_mode(inference_backend, monkeypatch
     assert max(float(u.abs().max()) for u in ups) > 1e-3  # up started at zero: training moved it
     after = inference_backend.patcher.model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())  # values kept (tensors were swapped)
-    assert inference_backend.lora.dropout_active is False and inference_backend.checkpointing.on is False
+    assert inference_backend.lora.dropout_active is False and inference_backend.checkpointing.levels == frozenset()
+    assert not inference_backend.checkpointing.swapped
 
 
 def test_exported_lora_loads_in_core_loader(comfy_backend, comfy_parts, x, cond, tmp_path, caplog):

@@ -17,7 +17,7 @@ CLIP_WIDGETS = dict(frames_per_clip=2, overlap=1, working_width=64, working_heig
 INVERT_WIDGETS = dict(steps=2, sarp=True, sarp_scale=0.005, random_seed=0)
 MATCH_WIDGETS = dict(preset="local", beta1=0.5, beta2=0.8, threshold_first=0.35, threshold_last=0.35,
                      min_guidance=1.0, max_guidance=2.5, random_seed=0)
-TRAIN_WIDGETS = dict(training_steps=1, rank=2, learning_rate=5e-4, low_vram=False, random_seed=0)
+TRAIN_WIDGETS = dict(training_steps=1, rank=2, learning_rate=5e-4, random_seed=0)
 
 
 def video(frames=3, seed=0):
@@ -33,16 +33,27 @@ def edited(image):
 
 
 def snapshot(model):
+    import comfy.model_management as mm
+
+    params = {n: (p, p.is_inference()) for n, p in model.model.named_parameters()}
+    others = [m for m in mm.current_loaded_models if m.model is not None and m.model.model is not model.model]
     return ({k: v.clone() for k, v in model.model.state_dict().items()}, copy.deepcopy(model.model_options),
-            dict(model.object_patches), {k: list(v) for k, v in model.patches.items()})
+            dict(model.object_patches), {k: list(v) for k, v in model.patches.items()}, params, others)
 
 
 def assert_unchanged(model, before):
-    weights, options, object_patches, patches = before
+    """Weights, options and patches of MODEL as before; the shared BaseModel's parameters the same objects with
+    the same inference-ness (training swaps them for a while); no other model's loaded entry removed by us."""
+    import comfy.model_management as mm
+
+    weights, options, object_patches, patches, params, others = before
     after = model.model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in weights.items())
     assert model.model_options == options
     assert dict(model.object_patches) == object_patches and {k: list(v) for k, v in model.patches.items()} == patches
+    now = dict(model.model.named_parameters())
+    assert all(now[n] is p and p.is_inference() == inference for n, (p, inference) in params.items())
+    assert all(any(m is entry for m in mm.current_loaded_models) for entry in others)
 
 
 def run(node, **inputs):
@@ -79,7 +90,7 @@ def inversion(nodes, parts, clips):
 
 
 def test_every_node_has_a_description_and_tooltips(nodes):
-    assert len(nodes) == 10
+    assert len(nodes) == 11
     for node_id, cls in nodes.items():
         schema = cls.define_schema()
         assert schema.description and schema.display_name.startswith("I2VEdit"), node_id
@@ -112,12 +123,21 @@ def test_propagate_two_edits_frame_count_and_size(nodes, parts, source, inversio
     assert not torch.equal(frames[:3], frames[3:])  # the two edits differ
 
 
-def test_propagate_mask_keeps_the_source_outside(nodes, parts, source, inversion):
+def test_propagate_mask_steers_the_denoising_and_keeps_the_source_outside(nodes, parts, source, inversion):
+    """The MASK reaches the core's latent blending (pixels inside it change vs no MASK), and the paste keeps
+    the outside exactly the source; paste_source off leaves the VAE's version of it."""
     mask = torch.zeros(1, *SIZE)
     mask[:, 16:40, 24:56] = 1
-    frames, _ = run(nodes["I2VEditPropagate"], inversion=inversion, edited_first_frames=edited(source), mask=mask,
-                    **parts, **dict(MATCH_WIDGETS, preset="custom", beta1=0.2, beta2=0.3)).args
-    assert torch.allclose(frames[:, :8], source[:, :8], atol=1e-5)  # rows above the mask: source exactly
+    widgets = dict(inversion=inversion, edited_first_frames=edited(source), **parts,
+                   **dict(MATCH_WIDGETS, preset="custom", beta1=0.2, beta2=0.3))
+    plain, _ = run(nodes["I2VEditPropagate"], **widgets).args
+    masked, _ = run(nodes["I2VEditPropagate"], mask=mask, **widgets).args
+    unpasted, _ = run(nodes["I2VEditPropagate"], mask=mask, paste_source=False, **widgets).args
+    inside, outside = mask[0] > 0.5, mask[0] < 0.5
+    assert float((masked[:, inside] - plain[:, inside]).abs().max()) > 1e-2
+    torch.testing.assert_close(masked[:, inside], unpasted[:, inside], rtol=0, atol=1e-6)  # the paste is outside only
+    torch.testing.assert_close(masked[:, outside], source[:, outside], rtol=0, atol=1e-6)
+    assert float((unpasted[:, outside] - source[:, outside]).abs().max()) > 1e-3
 
 
 def test_propagate_rejects_a_wrong_size_edit(nodes, parts, source, inversion):
@@ -187,3 +207,42 @@ def test_cancel_interrupts_and_leaves_the_model_alone(nodes, parts, clips):
     assert_unchanged(parts["model"], before)
     assert not any(loaded.model.model is parts["model"].model and loaded.model is not parts["model"]
                    for loaded in mm.current_loaded_models)  # the backend's clone was released
+
+
+def _oom(*args, **kwargs):
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+MEMORY_NODES = {  # node id -> inputs besides MODEL, CLIP_VISION, VAE and the memory widget
+    "I2VEditInvert": lambda s, c, i: dict(clips=c, **INVERT_WIDGETS),
+    "I2VEditTrainMotionLora": lambda s, c, i: dict(clips=c, inversion=i, **TRAIN_WIDGETS),
+    "I2VEditPropagate": lambda s, c, i: dict(inversion=i, edited_first_frames=edited(s), **MATCH_WIDGETS),
+    "I2VEditEditVideo": lambda s, c, i: dict(frames=s, edited_first_frame=edited(s), train_motion_lora=True, **{
+        **CLIP_WIDGETS, **INVERT_WIDGETS, **TRAIN_WIDGETS, **MATCH_WIDGETS}),
+}
+
+
+def test_every_node_that_runs_the_unet_has_the_memory_widget(nodes):
+    runs_unet = [n for n, cls in nodes.items() if any(i.id == "model" for i in cls.define_schema().inputs)
+                 and n != "I2VEditEditConditioning"]  # VAE and CLIP only
+    assert sorted(runs_unet) == sorted([*MEMORY_NODES, "I2VEditMatchedSampler"])
+    for node_id in runs_unet:
+        memory = next(i for i in nodes[node_id].define_schema().inputs if i.id == "memory")
+        assert memory.default == "auto" and memory.options == ["auto", "fast", "24gb", "12gb"], node_id
+
+
+@pytest.mark.parametrize("node_id", sorted(MEMORY_NODES))
+@pytest.mark.parametrize("memory, lower", [("auto", "24gb"), ("fast", "24gb"), ("24gb", "12gb"), ("12gb", None)])
+def test_out_of_memory_through_the_widget_names_the_next_setting_down(node_id, memory, lower, nodes, parts, source,
+                                                                       clips, inversion, monkeypatch):
+    """auto on a CPU device is 'fast'; the advice is the next tier down, never the one in use."""
+    from i2vedit_core.backends.comfy import ComfyBackend
+    from i2vedit_core.pipeline import OutOfMemory
+
+    monkeypatch.setattr(ComfyBackend, "denoise", _oom)
+    with pytest.raises(OutOfMemory) as caught:
+        run(nodes[node_id], **parts, memory=memory, **MEMORY_NODES[node_id](source, clips, inversion))
+    message = str(caught.value)
+    advised = [tier for tier in ("fast", "24gb", "12gb") if f"memory to '{tier}'" in message]
+    assert advised == ([lower] if lower else []), message
+    assert lower is not None or "already at its lowest setting" in message

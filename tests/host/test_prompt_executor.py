@@ -92,7 +92,7 @@ def graph():
         "5": {"class_type": "I2VEditInvert", "inputs": dict(parts, clips=["4", 0], steps=2, sarp=True,
                                                             sarp_scale=0.005, random_seed=1)},
         "6": {"class_type": "I2VEditTrainMotionLora", "inputs": dict(parts, clips=["4", 0], training_steps=1, rank=2,
-                                                                     learning_rate=5e-4, low_vram=False, random_seed=0)},
+                                                                     learning_rate=5e-4, random_seed=0)},
         "7": {"class_type": "I2VEditSaveMotionLora", "inputs": dict(motion_lora=["6", 0], name="graph/motion",
                                                                     overwrite=True)},
         "8": {"class_type": "I2VEditPropagate", "inputs": dict(

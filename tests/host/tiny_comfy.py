@@ -144,3 +144,39 @@ def comfy_clip_vision(clip, folder: Path):
     if missing or unexpected:
         raise AssertionError(f"ClipVisionModel keys differ: missing {missing}, unexpected {unexpected}")
     return out
+
+
+def _fill(module: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.nn.Module:
+    """Seeded N(0, scale^2) in every parameter: ComfyUI's ops skip weight init (torch.empty)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(scale * torch.randn(p.shape, generator=gen))
+    return module.eval().requires_grad_(False)
+
+
+def comfy_parts_without_diffusers(folder: Path) -> dict:
+    """MODEL, CLIP_VISION and VAE from ComfyUI's classes alone, seeded random weights: for an environment
+    without diffusers/transformers' CLIP (the pack must run there; test_host_install blocks them)."""
+    import comfy.clip_vision
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models
+
+    conf = comfy.supported_models.SVD_img2vid(unet_config())
+    conf.unet_config["num_head_channels"] = HEAD_DIM
+    conf.set_inference_dtype(torch.float32, None)
+    unet = conf.get_model({}, device=torch.device("cpu"))
+    _fill(unet.diffusion_model, 0)
+    model = comfy.model_patcher.ModelPatcher(unet.eval().requires_grad_(False), load_device=torch.device("cpu"),
+                                             offload_device=torch.device("cpu"))
+    with _shrunk_video_vae():  # the key ComfyUI detects SVD's video VAE by; every weight is filled below
+        vae = comfy.sd.VAE(sd={"decoder.mid.block_1.mix_factor": torch.zeros(1)}, dtype=torch.float32)
+    _fill(vae.first_stage_model, 1)
+    config = json.loads((Path(comfy.clip_vision.__file__).parent / "clip_vision_config_h.json").read_text())
+    config.update(CLIP)
+    path = folder / "clip_vision_tiny.json"
+    path.write_text(json.dumps(config))
+    clip_vision = comfy.clip_vision.ClipVisionModel(str(path))
+    _fill(clip_vision.model.to(torch.float32), 2)
+    return dict(model=model, clip_vision=clip_vision, vae=vae)

@@ -1,0 +1,71 @@
+"""Activation checkpointing of the diffusers SVD UNet for training, on the layers `memory.checkpointed_levels`
+names (the ComfyUI backend checkpoints the same ones, comfy_training.py)."""
+
+from contextlib import contextmanager
+from typing import Dict
+
+from ..memory import checkpointed_levels
+
+
+@contextmanager
+def checkpointing(unet, levels):
+    """levels: False, True (every level) or n (the n finest levels); the wrappers are removed afterwards."""
+    checkpointed = _checkpoint_heavy_layers(unet, levels)
+    try:
+        yield
+    finally:
+        for module in checkpointed:
+            del module.forward  # back to the class's forward
+
+
+def heavy_layers_by_level(unet) -> Dict[int, list]:
+    """{resolution level (0 = finest): its spatio-temporal ResBlocks and transformers}, as `memory` counts them."""
+    levels = len(unet.down_blocks)
+    blocks = [(i, b) for i, b in enumerate(unet.down_blocks)] + [(levels - 1, unet.mid_block)]
+    blocks += [(levels - 1 - i, b) for i, b in enumerate(unet.up_blocks)]
+    found: Dict[int, list] = {}
+    for level, block in blocks:
+        found.setdefault(level, []).extend(list(block.resnets) + list(getattr(block, "attentions", [])))
+    return found
+
+
+def _checkpoint_heavy_layers(unet, gradient_checkpointing) -> list:
+    """Recompute the chosen levels' layers in backward instead of keeping their activations. Wrapped here
+    rather than through diffusers' own flags: those checkpoint only the resnets, the transformers only in
+    train mode (the UNet stays in eval mode)."""
+    from torch.utils.checkpoint import checkpoint
+
+    layers = heavy_layers_by_level(unet)
+    modules = [m for level in sorted(checkpointed_levels(len(unet.down_blocks), gradient_checkpointing))
+               for m in layers.get(level, [])]
+    for module in modules:
+        module.forward = _checkpointed(module, module.forward, checkpoint)
+    return modules
+
+
+def _checkpointed(module, forward, checkpoint):
+    """forward under activation checkpointing, recomputed with the attention processors it ran with.
+
+    Processors are swapped per call by `use_attention` (attention control, skip-interval); backward
+    runs after the call has restored the defaults, so the recompute reinstalls the call's own.
+    """
+    attentions = [m for m in module.modules() if hasattr(m, "set_processor") and hasattr(m, "processor")]
+
+    def call(*args, **kwargs):
+        processors = [m.processor for m in attentions]
+
+        def run(*inner_args, **inner_kwargs):
+            current = [m.processor for m in attentions]
+            for m, p in zip(attentions, processors):
+                m.processor = p
+            try:
+                return forward(*inner_args, **inner_kwargs)
+            finally:
+                for m, p in zip(attentions, current):
+                    m.processor = p
+
+        return checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+    return call
+
+

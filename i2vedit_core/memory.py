@@ -1,0 +1,107 @@
+"""One memory policy for both backends: what the CLI's --memory, the API's PipelineSettings(memory=)
+and every node's `memory` widget mean.
+
+A setting is a tier name, "auto" or a GiB budget; it resolves to a `MemoryPlan` that decides
+  checkpointing  which UNet layers training recomputes in backward (`checkpointed_levels`, the one
+                 definition both backends apply: the spatio-temporal ResBlocks and transformers of the
+                 given number of finest resolution levels);
+  decode_chunk   frames per VAE decode call (the SVD decoder mixes the frames of a call, so this is
+                 the one tier setting that changes decoded pixels);
+  offload        whether the VAE and CLIP image encoder leave the GPU while the UNet runs.
+"auto" reads the free memory of the device (a CPU device is "fast": it has no VRAM to save).
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import torch
+
+GIB = 2 ** 30
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    tier: str
+    checkpointing: Union[bool, int]  # False: none; int n: the n finest levels; True: every level
+    decode_chunk: int
+    offload: bool
+
+
+# Fastest first; each tier lowers the peak further. min_gib: the free memory (or budget) it is picked from.
+PLANS = (
+    (MemoryPlan("fast", False, 8, False), 32.0),
+    (MemoryPlan("24gb", 2, 4, False), 18.0),
+    (MemoryPlan("12gb", True, 2, True), 0.0),
+)
+TIERS = tuple(plan.tier for plan, _ in PLANS)
+CHOICES = ("auto",) + TIERS  # the nodes' widget options
+
+
+@dataclass(frozen=True)
+class MemoryPolicy:
+    """setting: "auto" (default), "fast", "24gb", "12gb", or a GiB budget (a number > 0)."""
+    setting: Union[str, float] = "auto"
+
+    def __post_init__(self):
+        setting = self.setting
+        if isinstance(setting, str) and setting not in CHOICES:
+            try:
+                setting = float(setting.lower().removesuffix("gib").removesuffix("gb"))
+            except ValueError as error:
+                raise ValueError(f"memory must be one of {', '.join(CHOICES)} or a GiB budget such as 16, "
+                                 f"got {self.setting!r}") from error
+        if not isinstance(setting, str) and not (isinstance(setting, (int, float)) and not isinstance(setting, bool)
+                                                 and math.isfinite(setting) and setting > 0):
+            raise ValueError(f"memory must be one of {', '.join(CHOICES)} or a GiB budget > 0, got {self.setting!r}")
+        object.__setattr__(self, "setting", setting if isinstance(setting, str) else float(setting))
+
+    def plan(self, device=None, free_bytes: Optional[Callable[[], int]] = None) -> MemoryPlan:
+        """The plan for `device`; with "auto", `free_bytes()` (default: torch's free memory of the device)."""
+        if self.setting in TIERS:
+            return plan_of(self.setting)
+        if self.setting == "auto":
+            device = torch.device(device if device is not None else "cpu")
+            if device.type != "cuda":
+                return plan_of("fast")
+            free = free_bytes() if free_bytes is not None else torch.cuda.mem_get_info(device)[0]
+            return plan_for_gib(free / GIB)
+        return plan_for_gib(self.setting)
+
+
+def as_policy(memory) -> MemoryPolicy:
+    return memory if isinstance(memory, MemoryPolicy) else MemoryPolicy(memory)
+
+
+def plan_of(tier: str) -> MemoryPlan:
+    return next(plan for plan, _ in PLANS if plan.tier == tier)
+
+
+def plan_for_gib(gib: float) -> MemoryPlan:
+    return next(plan for plan, min_gib in PLANS if gib >= min_gib)
+
+
+def next_lower(tier: str) -> Optional[str]:
+    """The tier below `tier` (the OOM advice), None at the lowest."""
+    index = TIERS.index(tier)
+    return TIERS[index + 1] if index + 1 < len(TIERS) else None
+
+
+def checkpointed_levels(levels: int, checkpointing: Union[bool, int]) -> frozenset:
+    """Resolution levels (0 = finest, as the UNet's down blocks count) whose spatio-temporal ResBlocks and
+    transformers are recomputed in backward. A coarser level costs as much compute per layer (4x fewer
+    tokens, 2x wider) but holds a quarter of the activations, so the finest levels go first."""
+    if checkpointing is True:
+        return frozenset(range(levels))
+    return frozenset(range(min(int(checkpointing or 0), levels)))
+
+
+def oom_advice(plan: MemoryPlan) -> str:
+    """What to change after an OOM under `plan`: the next tier down, never the one in use."""
+    lower = next_lower(plan.tier)
+    if lower is not None:
+        step = (f"set memory to '{lower}' (the nodes' memory widget, --memory {lower}, "
+                f"PipelineSettings(memory='{lower}')); memory was '{plan.tier}'. Or ")
+    else:
+        step = f"memory is already at its lowest setting ('{plan.tier}'): "
+    return step + "use a smaller working size (e.g. 768x448) or fewer frames per clip, and close other GPU work"

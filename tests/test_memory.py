@@ -1,0 +1,79 @@
+"""The memory policy (memory.py): tiers, auto, budgets, the checkpoint set and what the pipeline runs with."""
+
+import pytest
+import torch
+
+from i2vedit_core.inversion import InversionSettings, invert_clip
+from i2vedit_core.memory import GIB, MemoryPolicy, checkpointed_levels, next_lower, plan_of
+from i2vedit_core.pipeline import PipelineSettings, memory_plan, with_plan
+from i2vedit_core.tiny import synthetic_clip, tiny_backend
+from i2vedit_core.training import TrainingSettings, train_motion_lora
+
+
+def test_tiers_lower_the_peak_step_by_step():
+    fast, mid, low = plan_of("fast"), plan_of("24gb"), plan_of("12gb")
+    assert (fast.checkpointing, fast.decode_chunk, fast.offload) == (False, 8, False)
+    assert (mid.checkpointing, mid.decode_chunk, mid.offload) == (2, 4, False)
+    assert (low.checkpointing, low.decode_chunk, low.offload) == (True, 2, True)
+    assert [next_lower(t) for t in ("fast", "24gb", "12gb")] == ["24gb", "12gb", None]
+
+
+def test_auto_reads_free_memory_and_budgets_pick_a_tier():
+    assert MemoryPolicy().plan("cpu").tier == "fast"  # no VRAM to save on a CPU
+    cuda = torch.device("cuda", 0)
+    assert [MemoryPolicy("auto").plan(cuda, lambda: gib * GIB).tier for gib in (80, 31.9, 18, 11)] == \
+        ["fast", "24gb", "24gb", "12gb"]
+    assert [MemoryPolicy(gib).plan().tier for gib in (48, 24, 16, 8)] == ["fast", "24gb", "12gb", "12gb"]
+    assert MemoryPolicy("24gb").plan(cuda, lambda: 80 * GIB).tier == "24gb"  # a tier is taken as given
+    assert MemoryPolicy("16GB").setting == 16.0
+    with pytest.raises(ValueError, match="memory must be one of auto, fast, 24gb, 12gb"):
+        MemoryPolicy("huge")
+
+
+def test_checkpoint_set_counts_levels_from_the_finest():
+    assert checkpointed_levels(4, False) == frozenset()
+    assert checkpointed_levels(4, 2) == {0, 1}
+    assert checkpointed_levels(4, True) == {0, 1, 2, 3}
+
+
+def test_pipeline_settings_follow_the_plan():
+    backend = tiny_backend(seed=0)
+    settings = PipelineSettings(memory="12gb")
+    resolved = with_plan(settings, memory_plan(backend, settings))
+    assert resolved.training.gradient_checkpointing is True and resolved.memory == MemoryPolicy("12gb")
+    assert not backend.offload  # offloading is a GPU matter: a CPU backend keeps everything in place
+    assert with_plan(PipelineSettings(training=None), plan_of("12gb")).training is None
+    auto = PipelineSettings()
+    assert with_plan(auto, memory_plan(backend, auto)).memory == MemoryPolicy("fast")
+
+
+def test_both_backends_checkpoint_the_same_layers():
+    """The diffusers backend wraps the ResBlocks and transformers of exactly the levels the plan names."""
+    from i2vedit_core.backends.diffusers_checkpointing import checkpointing, heavy_layers_by_level
+
+    backend = tiny_backend(seed=0)
+    layers = heavy_layers_by_level(backend.unet)
+    for levels in (False, 1, True):
+        with checkpointing(backend.unet, levels):
+            wrapped = {level for level, modules in layers.items() for m in modules if "forward" in vars(m)}
+            partial = [level for level, modules in layers.items()
+                       if 0 < sum("forward" in vars(m) for m in modules) < len(modules)]
+        assert wrapped == checkpointed_levels(len(backend.unet.down_blocks), levels) and not partial
+        assert not any("forward" in vars(m) for m in backend.unet.modules())
+
+
+@pytest.mark.parametrize("levels", [1, True])
+def test_checkpointed_skip_interval_training_matches_plain(levels):
+    """Backward re-runs checkpointed temporal attention: the clip-0 K/V must still be there."""
+    frames = synthetic_clip(3, 64, 64, seed=4)
+    results = []
+    for checkpointing in (False, levels):
+        backend = tiny_backend(seed=0)
+        clip0 = invert_clip(backend, synthetic_clip(3, 64, 64, seed=11), InversionSettings(steps=2))
+        settings = TrainingSettings(steps=2, learning_rate=1e-2, seed=5, gradient_checkpointing=checkpointing)
+        results.append(train_motion_lora(backend, frames, settings, clip0=clip0))
+        assert not any("forward" in vars(m) for m in backend.unet.modules()), "checkpoint wrappers left behind"
+    plain, checkpointed = results
+    torch.testing.assert_close(torch.tensor(checkpointed.losses), torch.tensor(plain.losses), rtol=1e-5, atol=0)
+    key = "diffusion_model.input_blocks.1.1.time_stack.0.attn1.to_k.lora_up.weight"
+    torch.testing.assert_close(checkpointed.lora.weights[key], plain.lora.weights[key], rtol=1e-4, atol=1e-6)
