@@ -49,11 +49,8 @@ TINY = dict(hw=(64, 64), train_hw=(64, 64), steps=3, train_steps=3, frames=4, co
 
 
 def memory_settings(budget, **kwargs) -> PipelineSettings:
-    """PipelineSettings under the core's memory policy for `budget` GiB (None: default)."""
-    fields = {f.name for f in dataclasses.fields(PipelineSettings)}
-    if "memory" in fields:
-        return PipelineSettings(memory=budget if budget is not None else "auto", **kwargs)
-    return PipelineSettings(low_vram=budget is not None and budget < 32, **kwargs)  # before the policy landed
+    """PipelineSettings under the core's memory policy for `budget` GiB (None: the default, auto)."""
+    return PipelineSettings(memory=budget if budget is not None else "auto", **kwargs)
 
 
 def own_floors(backend, frames, hw, train_hw, context, reps=3) -> dict:

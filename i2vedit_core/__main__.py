@@ -1,3 +1,4 @@
 from .cli import main
+from .distributed import run_under_torchrun
 
-raise SystemExit(main())
+raise SystemExit(run_under_torchrun(main))

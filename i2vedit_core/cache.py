@@ -17,7 +17,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import temp_beside
+from .files import publish, temp_beside
 
 Entry = Tuple[Dict[str, torch.Tensor], Dict[str, str]]
 
@@ -110,7 +110,7 @@ def _write_atomically(path: Path, tensors: Dict[str, torch.Tensor], metadata: Di
     tmp = temp_beside(path)  # mode from the user's umask (mkstemp would give 0600)
     try:
         save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
         raise ValueError(f"could not write the cache entry {path} ({err.strerror}); "

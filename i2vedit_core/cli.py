@@ -245,6 +245,7 @@ def settings_from(args, tiny: bool = False):
 
 def run(backend, frames, edited, mask, settings, args, fps, names, demo: bool) -> int:
     from .cache import ArtifactCache
+    from .distributed import rank
     from .files import StagedFiles
     from .metrics import video_report
     from .pipeline import edit_video
@@ -254,6 +255,8 @@ def run(backend, frames, edited, mask, settings, args, fps, names, demo: bool) -
     cache = ArtifactCache(args.cache) if args.cache else None
     started = time.perf_counter()
     result = edit_video(backend, frames, edited, settings, progress=ProgressLine(), cache=cache, mask=mask)
+    if rank() != 0:  # a torchrun rank other than 0 worked on clips; rank 0 writes the outputs
+        return 0
     for note in getattr(result, "notes", ()):
         print(f"note: {note}")
     seams = [clip.start + settings.overlap for clip in result.clips[1:]]

@@ -23,6 +23,15 @@ def temp_beside(path: os.PathLike) -> Path:
             continue
 
 
+def publish(temp: Path, target: Path) -> None:
+    """Rename a finished file into place with mode 0o666 minus the umask (some writers, safetensors among
+    them, create their file 0600 whatever the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temp, 0o666 & ~umask)
+    os.replace(temp, target)
+
+
 class StagedFiles:
     """Files written to temporary names, then all renamed into place by `commit()`.
 
@@ -48,7 +57,7 @@ class StagedFiles:
             if existing:  # appeared since the run was checked
                 raise FileExistsError(f"{', '.join(existing)} already exist(s); nothing was replaced")
         for temp, target in self.staged:
-            os.replace(temp, target)
+            publish(temp, target)
         targets = [target for _, target in self.staged]
         self.staged = []
         return targets

@@ -12,7 +12,7 @@ import json
 import os
 import pickle
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -113,6 +113,14 @@ def clip_fingerprint(frames: torch.Tensor) -> str:
 
 
 # --- files -------------------------------------------------------------------------------------
+
+def series_names(stem: str, count: int) -> List[str]:
+    """File names of a video's motion LoRAs: `stem.safetensors` for one clip, else `stem_clip01of03.safetensors`, ...
+    (what I2VEdit Save Motion LoRA writes and Load Motion LoRA reads back as one series)."""
+    if count == 1:
+        return [f"{stem}.safetensors"]
+    return [f"{stem}_clip{k + 1:02d}of{count:02d}.safetensors" for k in range(count)]
+
 
 def save_motion_lora(lora: MotionLora, path: str) -> None:
     from safetensors.torch import save_file

@@ -132,10 +132,14 @@ def edit_video(backend, frames, edited_first_frames, settings: PipelineSettings 
     the source trajectory outside it (editing.edit_clip gives the exact rule) and, with
     settings.paste_source, the source's pixels are pasted back outside it. Returns one VideoEdit per edit.
     Every input is checked before the backend is used (validation.check_inputs: all problems in one
-    InvalidInput)."""
+    InvalidInput). Under a process group of several processes (torchrun) the clips are fanned out
+    (distributed.py)."""
     check_inputs(frames, edited_first_frames, mask, settings, backend.device)
     if mask is not None and not bool((torch.as_tensor(mask) > 0).any()):
         return _unchanged(frames, edited_first_frames, settings)
+    from . import distributed  # it imports this module, hence here
+    if distributed.fanned_out():
+        return distributed.edit_video(backend, frames, edited_first_frames, settings, progress, cancel, cache, mask)
     settings = with_plan(settings, memory_plan(backend, settings))
     video = prepare_video(frames, settings)
     edits = check_edited_frames(edited_first_frames, video.fit)
@@ -153,22 +157,24 @@ def edit_video(backend, frames, edited_first_frames, settings: PipelineSettings 
 
 
 def invert_video(backend, video: PreparedVideo, settings: PipelineSettings, progress: Optional[Progress] = None,
-                 cancel=None, cache: Optional[ArtifactCache] = None) -> List[Inversion]:
+                 cancel=None, cache: Optional[ArtifactCache] = None, only: Optional[List[int]] = None) -> List[Inversion]:
+    """The inversion of every clip, or of the clips in `only` (clip 0 is inverted too when skip-interval needs it)."""
     report = reporter(progress, cancel)
-    inversions: List[Inversion] = []
+    wanted = range(len(video.clips)) if only is None else only
+    needs_clip0 = video.skip_interval and any(k > 0 for k in wanted)
+    inversions: Dict[int, Inversion] = {}
     with memory_hint("inversion", memory_plan(backend, settings)):
-        for k in range(len(video.clips)):
+        for k in sorted(set(wanted) | ({0} if needs_clip0 else set())):
             clip0 = inversions[0] if video.skip_interval and k > 0 else None
             callback = _step_reporter(report, "invert", k, len(video.clips), settings.inversion.steps)
             report("invert", k, len(video.clips), 0, settings.inversion.steps)
-            inversions.append(cached_inversion(backend, video.clip_frames(k), settings.inversion, cache, clip0,
-                                               callback))
-    return inversions
+            inversions[k] = cached_inversion(backend, video.clip_frames(k), settings.inversion, cache, clip0, callback)
+    return [inversions[k] for k in wanted]
 
 
 def train_loras(backend, video: PreparedVideo, settings: PipelineSettings, progress: Optional[Progress] = None,
-                cancel=None, cache: Optional[ArtifactCache] = None) -> List[MotionLora]:
-    """One motion LoRA per clip; the backend is left without an adapter."""
+                cancel=None, cache: Optional[ArtifactCache] = None, only: Optional[List[int]] = None) -> List[MotionLora]:
+    """One motion LoRA per clip (or per clip in `only`); the backend is left without an adapter."""
     plan = memory_plan(backend, settings)
     settings = with_plan(settings, plan)
     report = reporter(progress, cancel)
@@ -176,8 +182,8 @@ def train_loras(backend, video: PreparedVideo, settings: PipelineSettings, progr
     clip0 = None
     try:
         with memory_hint("motion-LoRA training", plan):
-            for k in range(len(video.clips)):
-                if video.skip_interval and k == 1:  # once, after LoRA 0 exists; inverted with the base model
+            for k in range(len(video.clips)) if only is None else only:
+                if video.skip_interval and k > 0 and clip0 is None:  # once; inverted with the base model
                     clip0 = _training_clip0(backend, video, settings, cache)
                 report("train", k, len(video.clips), 0, settings.training.steps)
                 loras.append(cached_lora(

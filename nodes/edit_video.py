@@ -6,6 +6,7 @@ import torch
 from comfy_api.latest import io
 
 from i2vedit_core.pipeline import edit_video
+from i2vedit_core.validation import NODES, check_node_inputs
 
 from .host import (NodeProgress, cancel_check, comfy_backend, frames_to_image, image_to_frames, map_to_image,
                    node_id)
@@ -42,6 +43,7 @@ class EditVideoNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip_vision, vae, frames, edited_first_frame, mask=None, memory="auto",
                 paste_source=True, **widgets) -> io.NodeOutput:
+        check_node_inputs(NODES.using(edited_first_frames="edited_first_frame"), frames, edited_first_frame, mask)
         clips = clips_from(frames, **widgets)
         settings = replace(clips.settings, inversion=inversion_settings(**widgets),
                            training=training_settings(**widgets) if widgets["train_motion_lora"] else None,

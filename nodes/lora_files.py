@@ -11,7 +11,8 @@ from typing import List
 
 from comfy_api.latest import io, ui
 
-from i2vedit_core.lora import load_motion_lora, save_motion_lora
+from i2vedit_core.files import StagedFiles
+from i2vedit_core.lora import load_motion_lora, save_motion_lora, series_names
 
 from .artifacts import MotionLoras
 from .host import node_id, send_text
@@ -41,24 +42,41 @@ def safe_relative_name(name: str) -> Path:
 
 
 def series_paths(folder: Path, relative: Path, count: int) -> List[Path]:
-    if count == 1:
-        return [folder / relative.with_name(relative.name + ".safetensors")]
-    return [folder / relative.with_name(f"{relative.name}_clip{k + 1:02d}of{count:02d}.safetensors")
-            for k in range(count)]
+    return [folder / relative.with_name(name) for name in series_names(relative.name, count)]
 
 
 def save_series(loras: MotionLoras, name: str, overwrite: bool, folder: Path) -> List[Path]:
-    paths = series_paths(folder, safe_relative_name(name), len(loras.loras))
+    """Write every clip's file, or none: staged beside the targets, renamed into place once all are written."""
+    relative = safe_relative_name(name)
+    paths = series_paths(folder, relative, len(loras.loras))
     root = folder.resolve()
     for path in paths:
         if root not in path.resolve().parents:
             raise ValueError(f"motion LoRA name {name!r} leads outside models/loras: pick a plain name")
-        if path.exists() and not overwrite:
-            raise ValueError(f"{path.name} already exists in models/loras: choose another name or turn on overwrite")
-    for lora, path in zip(loras.loras, paths):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_motion_lora(lora, str(path))
-    return paths
+        blocked = next((p for p in [path, *path.parents] if p != root and root in p.resolve().parents
+                        and (p.is_dir() if p == path else p.is_file())), None)
+        if blocked is not None:
+            raise ValueError(f"motion LoRA name {name!r}: {os.path.relpath(blocked, folder)} is a "
+                             f"{'folder' if blocked == path else 'file'} in models/loras: change name")
+    taken = [p for p in paths if p.exists()] + same_name_series(paths[0].parent, relative.name, len(paths))
+    if taken and not overwrite:
+        shown = ", ".join(sorted(os.path.relpath(p, folder) for p in taken))
+        raise ValueError(f"motion LoRA name {name!r} is taken: {shown} already exists in models/loras: change name "
+                         "or turn on overwrite")
+    with StagedFiles() as staged:
+        for lora, path in zip(loras.loras, paths):
+            save_motion_lora(lora, str(staged.stage(path)))
+        return staged.commit()
+
+
+def same_name_series(folder: Path, stem: str, count: int) -> List[Path]:
+    """Files of another series (or a single file) under the same name: loading by name would be ambiguous."""
+    if not folder.is_dir():
+        return []
+    others = [p for p in folder.iterdir() if p.suffix in EXTENSIONS and (p.stem == stem or (
+        (m := SERIES.match(p.stem)) is not None and m["stem"] == stem))]
+    ours = {p.name for p in series_paths(folder, Path(stem), count)}
+    return [p for p in others if p.name not in ours]
 
 
 def load_series(path: Path) -> MotionLoras:
@@ -94,7 +112,7 @@ class SaveMotionLoraNode(io.ComfyNode):
                                             "become name_clip01of03.safetensors, ..."),
                     io.Boolean.Input("overwrite", default=False,
                                      tooltip="Replace existing files of that name instead of stopping with an "
-                                             "error.")],
+                                             "error. Either way every clip's file is written, or none.")],
             outputs=[io.String.Output(display_name="files")],
             is_output_node=True, hidden=[io.Hidden.unique_id])
 

@@ -8,6 +8,7 @@ from comfy_api.latest import io
 from i2vedit_core.attention import PRESETS, MatchSettings, TemporalSelector
 from i2vedit_core.editing import EditSettings
 from i2vedit_core.pipeline import check_edited_frames, keep_source_outside, latent_mask, propagate
+from i2vedit_core.validation import NODES, check_node_inputs
 
 from .artifacts import check_same_clips
 from .host import NodeProgress, cancel_check, comfy_backend, frames_to_image, image_to_frames, map_to_image, node_id
@@ -69,6 +70,9 @@ def run_propagation(model, clip_vision, vae, inverted, loras, edited_image, edit
     """-> (frames IMAGE of every edit one after another, difference-map IMAGE likewise)."""
     if loras is not None:
         check_same_clips(inverted, loras)
+    source = inverted.clips.frames
+    check_node_inputs(NODES, edited=edited_image, mask=mask, video_hw=tuple(source.shape[-2:]),
+                      video_frames=len(source))
     video = inverted.clips.video
     edits = check_edited_frames(image_to_frames(edited_image, "edited first frame"), video.fit)
     settings = replace(inverted.settings, edit=edit, memory=memory)

@@ -3,6 +3,7 @@
 from comfy_api.latest import io
 
 from i2vedit_core.pipeline import PipelineSettings, prepare_video
+from i2vedit_core.validation import NODES, check_node_inputs
 
 from .artifacts import SourceClips
 from .host import image_to_frames
@@ -50,5 +51,6 @@ class SourceClipsNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, frames, **widgets) -> io.NodeOutput:
+        check_node_inputs(NODES, frames=frames)
         clips = clips_from(frames, **widgets)
         return io.NodeOutput(clips, clips.describe())

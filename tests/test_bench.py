@@ -60,10 +60,8 @@ def test_table_totals_and_both_ratios():
 
 def test_budget_settings_lower_the_memory_setting():
     default, capped = e2e.memory_settings(None), e2e.memory_settings(12)
-    if hasattr(default, "memory"):
-        assert default.memory == "auto" and float(capped.memory) == 12.0
-    else:
-        assert not default.low_vram and capped.low_vram
+    assert default.memory.setting == "auto" and capped.memory.setting == 12.0
+    assert capped.memory.plan("cuda").tier == "12gb"
 
 
 def _branch(dtype, hidden=16):

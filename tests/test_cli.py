@@ -193,3 +193,14 @@ def test_settings_typo_fails_fast_in_a_fresh_process(tmp_path):
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "--steps" in done.stderr, done.stderr
     assert "loading" not in done.stdout
     print(f"\nsettings typo: first error after {seconds:.2f} s")
+
+
+def test_cache_entries_are_created_with_the_umask(tmp_path):
+    from i2vedit_core.cache import ArtifactCache
+
+    old = os.umask(0o027)
+    try:
+        ArtifactCache(tmp_path).put("entry", {"x": torch.zeros(2)})
+    finally:
+        os.umask(old)
+    assert [(p.name, p.stat().st_mode & 0o777) for p in tmp_path.iterdir()] == [("entry.safetensors", 0o640)]

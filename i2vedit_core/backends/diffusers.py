@@ -89,6 +89,9 @@ class DiffusersBackend:
         digest = hashlib.sha256(str(self.dtype).encode())
         for module in (self.unet, self.vae, self.image_encoder):
             config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
+            # "_" entries are bookkeeping (load path, a list of defaults in set order, which varies
+            # with each process's hash seed): they would give another key in another process.
+            config = {k: v for k, v in config.items() if not k.startswith("_")}
             digest.update(json.dumps(config, sort_keys=True, default=str).encode())
             # Sum and sum of squares of every tensor: touches all weights, one small copy to the host.
             with torch.no_grad():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pack import node_classes, node_module
-from test_nodes import clips, nodes, parts, source  # noqa: F401 (shared module fixtures)
+from test_nodes import clips, inversion, nodes, parts, source  # noqa: F401 (shared module fixtures)
 from test_nodes import (CLIP_WIDGETS, INVERT_WIDGETS, MATCH_WIDGETS, TRAIN_WIDGETS, assert_unchanged, edited, run,
                         snapshot, video)
 
@@ -187,3 +187,165 @@ def test_the_leak_check_sees_a_loaded_backend(parts):
     finally:
         backend.release()
     assert our_patches_left(parts["model"]) == []
+
+
+# --- held-out node matrix (issue 11): bad IMAGE / MASK / LoRA names refused before any backend exists ---------
+
+EDIT_WIDGETS = {**CLIP_WIDGETS, **INVERT_WIDGETS, **TRAIN_WIDGETS, **MATCH_WIDGETS, "train_motion_lora": False}
+HW = (64, 96)  # test_nodes.SIZE
+
+
+def rgba(image, alpha):
+    return torch.cat([image, torch.full_like(image[..., :1], alpha)], dim=-1)
+
+
+def _edit_node(frames=None, edited_frame=None, mask=None):
+    def call(n, p, s, r, folder):
+        return run(n["I2VEditEditVideo"], frames=s if frames is None else frames(s),
+                   edited_first_frame=edited(s) if edited_frame is None else edited_frame(s), mask=mask,
+                   **p, **EDIT_WIDGETS)
+    return call
+
+
+def _propagate_node(edited_frames=None, mask=None):
+    def call(n, p, s, r, folder):
+        return run(n["I2VEditPropagate"], inversion=r["inversion"], **p, **MATCH_WIDGETS, mask=mask,
+                   edited_first_frames=edited(s) if edited_frames is None else edited_frames(s))
+    return call
+
+
+def _save(name, overwrite=False, before=None):
+    def call(n, p, s, r, folder):
+        return run(n["I2VEditSaveMotionLora"], motion_lora=r["loras"], name=name, overwrite=overwrite)
+    call.before = before
+    return call
+
+
+def _write(*names, folder_named=None):
+    def make(folder):
+        for name in names:
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(b"a user's file: " + name.encode())
+        if folder_named:
+            (folder / folder_named).mkdir(parents=True)
+    return make
+
+
+SMALL = lambda s: edited(s)[:, :32, :32]  # noqa: E731
+NODE_CASES = {
+    # I2VEdit Edit Video: (call, words the one-line message must hold: the inputs and widgets to fix)
+    "edit_mask_wrong_size": (_edit_node(mask=torch.ones(1, 32, 32)), ["mask is 32x32 but the video is 96x64"]),
+    "edit_mask_count": (_edit_node(mask=torch.ones(2, *HW)), ["mask holds 2 masks", "one per frame (3)"]),
+    "edit_mask_above_1": (_edit_node(mask=torch.full((1, *HW), 255.0)), ["mask must hold finite values in [0, 1]"]),
+    "edit_edited_wrong_size": (_edit_node(edited_frame=SMALL), ["edited_first_frame is 32x32", "video's own size"]),
+    "edit_edited_rgba_transparent": (_edit_node(edited_frame=lambda s: rgba(edited(s), 0.5)),
+                                     ["edited_first_frame is RGBA with transparent pixels", "flatten"]),
+    "edit_edited_16_bit_unscaled": (_edit_node(edited_frame=lambda s: edited(s) * 65535),
+                                    ["edited_first_frame has values in", "16-bit", "divide by 65535"]),
+    "edit_frames_16_bit_unscaled": (_edit_node(frames=lambda s: (s * 65535).round()), ["frames has values in"]),
+    "edit_frames_nan": (_edit_node(frames=lambda s: s * float("nan")), ["frames contains NaN"]),
+    "edit_frames_not_an_image": (_edit_node(frames=lambda s: s[0]), ["frames must be an IMAGE batch"]),
+    "edit_two_problems_at_once": (_edit_node(edited_frame=SMALL, mask=torch.ones(1, 32, 32)),
+                                  ["2 problems", "edited_first_frame", "mask"]),
+    # I2VEdit Propagate
+    "propagate_edited_wrong_size": (_propagate_node(edited_frames=SMALL), ["edited_first_frames is 32x32"]),
+    "propagate_mask_wrong_size": (_propagate_node(mask=torch.ones(1, 32, 48)), ["mask is 48x32"]),
+    "propagate_edited_rgba_transparent": (_propagate_node(edited_frames=lambda s: rgba(edited(s), 0.0)),
+                                          ["edited_first_frames is RGBA with transparent pixels"]),
+    "propagate_edited_two_channels": (_propagate_node(edited_frames=lambda s: edited(s)[..., :2]),
+                                      ["edited_first_frames has 2 channels"]),
+    # I2VEdit Source Clips
+    "source_frames_rgba_transparent": (lambda n, p, s, r, f: run(n["I2VEditSourceClips"], frames=rgba(s, 0.2),
+                                                                 **CLIP_WIDGETS), ["frames is RGBA"]),
+    # I2VEdit Save Motion LoRA: name collisions keep every existing file
+    "save_name_taken": (_save("i2vedit/motion", before=_write("i2vedit/motion_clip01of02.safetensors")),
+                        ["name 'i2vedit/motion' is taken", "change name or turn on overwrite"]),
+    "save_name_used_by_another_series": (_save("clip", before=_write("clip_clip01of03.safetensors")),
+                                         ["clip_clip01of03.safetensors already exists", "change name"]),
+    "save_name_used_by_a_single_file": (_save("clip", before=_write("clip.safetensors")),
+                                        ["clip.safetensors already exists", "turn on overwrite"]),
+    "save_name_is_a_folder": (_save("x", overwrite=True, before=_write(folder_named="x_clip01of02.safetensors")),
+                              ["x_clip01of02.safetensors is a folder", "change name"]),
+    "save_subfolder_is_a_file": (_save("plain/motion", overwrite=True, before=_write("plain")),
+                                 ["plain is a file", "change name"]),
+}
+
+
+def digest(folder):
+    import hashlib
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def random_loras():
+    """Two clips' motion LoRAs with random weights (no training needed to test saving)."""
+    from i2vedit_core.lora import LoraSpec, motion_lora_from_pairs, target_module_paths
+
+    spec = LoraSpec(rank=2)
+    g = torch.Generator().manual_seed(0)
+    pairs = {p: (torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g))
+             for p in target_module_paths(["input_blocks.1.1.time_stack.0"], spec)}
+    lora = motion_lora_from_pairs(pairs, spec)
+    return node_module("artifacts").MotionLoras((lora, lora))
+
+
+@pytest.fixture(scope="module")
+def cheap(inversion, random_loras):
+    """What the cases need from earlier stages without training: the inversion, and random clip LoRAs."""
+    return dict(inversion=inversion, loras=random_loras)
+
+
+@pytest.mark.parametrize("case", sorted(NODE_CASES))
+def test_node_refuses_bad_input_before_any_backend(case, nodes, parts, source, cheap, tmp_path, monkeypatch):
+    import time
+
+    from i2vedit_core.backends import comfy as comfy_backend_module
+
+    call, words = NODE_CASES[case]
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    if getattr(call, "before", None):
+        call.before(folder)
+    monkeypatch.setattr(node_module("lora_files"), "loras_folder", lambda: folder)
+    built = []
+    monkeypatch.setattr(comfy_backend_module, "ComfyBackend", lambda *a, **k: built.append(a) or 1 / 0)
+    model_before, files_before = snapshot(parts["model"]), digest(folder)
+    started = time.perf_counter()
+    with pytest.raises(ValueError) as caught:
+        call(nodes, parts, source, cheap, folder)
+    seconds = time.perf_counter() - started
+    message = str(caught.value)
+    assert "\n" not in message and all(word in message for word in words), message
+    assert built == [] and seconds < 5.0, (built, seconds)
+    monkeypatch.undo()
+    assert digest(folder) == files_before, "a file in models/loras changed"
+    assert_clean(parts["model"], model_before)
+
+
+def test_node_matrix_size():
+    assert len(NODE_CASES) >= 20
+
+
+def test_saving_a_series_is_all_or_nothing_and_keeps_the_umask(random_loras, tmp_path, monkeypatch):
+    import os
+
+    files = node_module("lora_files")
+    real = files.save_motion_lora
+    calls = []
+
+    def second_fails(lora, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(lora, path)
+    monkeypatch.setattr(files, "save_motion_lora", second_fails)
+    with pytest.raises(OSError):
+        files.save_series(random_loras, "motion", False, tmp_path)
+    assert list(tmp_path.iterdir()) == [], "a partial series or a temporary file was left"
+    monkeypatch.undo()
+    old = os.umask(0o002)
+    try:
+        written = files.save_series(random_loras, "motion", False, tmp_path)
+    finally:
+        os.umask(old)
+    assert [p.stat().st_mode & 0o777 for p in written] == [0o664, 0o664]
