@@ -43,9 +43,9 @@ print("ok", tuple(inversion.latents.shape))
 
 
 def test_import_and_run_without_network(tmp_path):
-    from conftest import standalone_missing
-    if standalone_missing():
-        pytest.skip(standalone_missing())
+    from i2vedit_core.backends.standalone import FIX, missing_or_old
+    if missing_or_old():
+        pytest.skip(f"needs the standalone set ({', '.join(missing_or_old())}): {FIX}")
     env = {"PATH": "", "HOME": str(tmp_path), "PYTHONPATH": str(CORE.parent)}  # no HF_HUB_OFFLINE on purpose
     result = subprocess.run([sys.executable, "-c", NO_NETWORK], capture_output=True, text=True, env=env,
                             timeout=300, cwd=tmp_path)

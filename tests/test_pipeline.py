@@ -96,8 +96,8 @@ MASK_SETTINGS = PipelineSettings(clip_length=6, working_size=(64, 64),
 
 
 def test_all_one_mask_equals_no_mask_and_all_zero_mask_keeps_the_source(backend, video):
-    """An all-black mask returns the source itself, with or without paste_source (nothing is inverted or
-    decoded, so not even a VAE round trip); an all-white mask is the unmasked edit."""
+    """Latent blending alone (paste_source off) decodes to the source's VAE reconstruction; the paste makes
+    the outside the source exactly."""
     clip = video[:6]
     unpasted = replace(MASK_SETTINGS, paste_source=False)
     plain = edit_video(backend, clip, edited(video)[None], MASK_SETTINGS).edits[0].frames
@@ -105,10 +105,19 @@ def test_all_one_mask_equals_no_mask_and_all_zero_mask_keeps_the_source(backend,
     zeros = edit_video(backend, clip, edited(video)[None], unpasted, mask=torch.zeros(64, 64)).edits[0].frames
     pasted = edit_video(backend, clip, edited(video)[None], MASK_SETTINGS, mask=torch.zeros(64, 64)).edits[0].frames
     assert torch.equal(ones, plain)
-    assert torch.equal(zeros, clip)  # nothing may change: the source itself, not even a VAE round trip
+    # all black: nothing may change, the source itself (no edit is run), with or without the paste
+    assert torch.equal(zeros, clip) and torch.equal(pasted, clip)
     source_reconstruction = backend.decode(backend.encode(clip))  # what the unchanged source latent decodes to
     assert (plain - source_reconstruction).abs().max() > 0.1
-    assert torch.equal(pasted, clip)
+    left = torch.zeros(64, 64)
+    left[:, :32] = 1
+    blended = edit_video(backend, clip, edited(video)[None], unpasted, mask=left).edits[0].frames
+    kept = edit_video(backend, clip, edited(video)[None], MASK_SETTINGS, mask=left).edits[0].frames
+    # latent blending alone keeps the outside near the source but not exact (the VAE decodes it); the paste
+    # makes it exact, and the inside is edited either way
+    assert not torch.equal(blended[..., 32:], clip[..., 32:])
+    assert torch.equal(kept[..., 32:], clip[..., 32:])
+    assert (kept[..., :32] - clip[..., :32]).abs().max() > 0.05
 
 
 def test_bad_masks(backend, video):

@@ -411,6 +411,10 @@ UNSAFE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib
 
 def _security_findings(path: Path, root: Path = REPO):
     tree = ast.parse(path.read_text(), str(path))
+    # a pip command runs only as an argument of a call (os.system, subprocess...); a message or constant
+    # telling the user what to install does not
+    in_calls = {id(inner) for call in ast.walk(tree) if isinstance(call, ast.Call)
+                for argument in call.args + [k.value for k in call.keywords] for inner in ast.walk(argument)}
     for node in ast.walk(tree):
         where = f"{path.relative_to(root)}:{getattr(node, 'lineno', 0)}"
         if isinstance(node, ast.Call):
@@ -433,7 +437,7 @@ def _security_findings(path: Path, root: Path = REPO):
         elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "pickle" \
                 and node.attr not in (PICKLE_IN_TESTS if "tests" in path.relative_to(root).parts else PICKLE_IN_CODE):
             yield f"{where} uses pickle.{node.attr}"
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and \
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) in in_calls and \
                 re.search(r"\bpip3?\b.{0,20}\binstall\b|ensurepip", node.value) and "tests" not in path.parts:
             yield f"{where} has a string that runs pip: {node.value[:60]!r}"  # tests: README checks quote it
 
