@@ -120,7 +120,7 @@ def run_official(official: Path, work: Path):
     from i2vedit.prompt_attention import attention_util
 
     torch.set_grad_enabled(False)
-    inputs = torch.load(work / "inputs.pt")
+    inputs = torch.load(work / "inputs.pt", weights_only=True)
     out = {}
     pipe = _official_models(work)
 
@@ -220,7 +220,7 @@ def run_ours(work: Path):
     from i2vedit_core.schedule import inversion_sigmas
 
     torch.set_grad_enabled(False)
-    inputs = torch.load(work / "inputs.pt")
+    inputs = torch.load(work / "inputs.pt", weights_only=True)
     backend = DiffusersBackend(UNetSpatioTemporalConditionModel.from_pretrained(work / "unet").double(),
                                AutoencoderKLTemporalDecoder.from_pretrained(work / "vae").double(),
                                CLIPVisionModelWithProjection.from_pretrained(work / "image_encoder").double(),
@@ -281,7 +281,7 @@ def relative(a, b) -> float:
 
 def table(work: Path) -> str:
     import torch
-    theirs, ours = torch.load(work / "official.pt"), torch.load(work / "ours.pt")
+    theirs, ours = torch.load(work / "official.pt", weights_only=True), torch.load(work / "ours.pt", weights_only=True)
     rows = [("schedule (25 Karras sigmas + extrapolated sigma_0)", relative(ours["schedule"], theirs["schedule"])),
             ("SARP (same noise; F+2 frames)", relative(ours["sarp"], theirs["sarp"].to(ours["sarp"]))),
             ("inversion, official numerics: latent at every sigma (26)",
