@@ -56,3 +56,14 @@ def backend():
 def clip():
     from i2vedit_core.tiny import synthetic_clip
     return synthetic_clip(num_frames=6, height=64, width=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def svd_folder(tmp_path_factory):
+    """A tiny random-weight SVD saved as a diffusers folder (unet/, vae/, image_encoder/)."""
+    from i2vedit_core.tiny import tiny_clip, tiny_unet, tiny_vae
+    folder = tmp_path_factory.mktemp("svd")
+    tiny_unet(0).save_pretrained(folder / "unet")
+    tiny_vae(1).save_pretrained(folder / "vae")
+    tiny_clip(2).save_pretrained(folder / "image_encoder")
+    return folder

@@ -4,16 +4,6 @@ from safetensors.torch import save_file
 
 from i2vedit_core.backends.diffusers_loading import load_svd, read_safetensors
 from i2vedit_core.conditioning import frame_conditioning
-from i2vedit_core.tiny import tiny_clip, tiny_unet, tiny_vae
-
-
-@pytest.fixture(scope="module")
-def svd_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("svd")
-    tiny_unet(0).save_pretrained(folder / "unet")
-    tiny_vae(1).save_pretrained(folder / "vae")
-    tiny_clip(2).save_pretrained(folder / "image_encoder")
-    return folder
 
 
 def test_diffusers_folder_loads_offline_and_matches(svd_folder, backend, clip):

@@ -22,22 +22,13 @@ from i2vedit_core import cli
 from i2vedit_core.backends import diffusers_loading
 from i2vedit_core.inversion import InversionSettings
 from i2vedit_core.pipeline import PipelineSettings, edit_video
-from i2vedit_core.tiny import synthetic_clip, tiny_clip, tiny_unet, tiny_vae
+from i2vedit_core.tiny import synthetic_clip
 from i2vedit_core.validation import InvalidInput
 from i2vedit_core.video_io import write_image, write_video
 
 SECONDS_BEFORE_ERROR = 10.0  # reading a 7-frame video and a few PNGs (~1 s on a busy 2-core machine)
 TIMES = {}                  # case -> seconds from call to error (printed by the last test)
 H, W = 64, 96
-
-
-@pytest.fixture(scope="module")
-def svd_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("svd")
-    tiny_unet(0).save_pretrained(folder / "unet")
-    tiny_vae(1).save_pretrained(folder / "vae")
-    tiny_clip(2).save_pretrained(folder / "image_encoder")
-    return folder
 
 
 @pytest.fixture()
