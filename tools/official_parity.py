@@ -7,7 +7,10 @@ built once by the official Python (diffusers 0.25.1), then the official function
 same weights and inputs in two processes, and a per-stage table of relative errors is printed.
 Without the paths it prints how to make the official environment.
 
-Patches on the official side, none of them numerical:
+Patches on the official side:
+  - the scheduler keeps its Karras sigma table in float64 (diffusers 0.25.1 casts it to float32; the random
+    tiny UNet's inversion amplifies that 6e-8 rounding to 3e-3, as the row "the official code against
+    itself" shows, so a float64 comparison needs float64 sigmas on both sides); the only numerical patch;
   - torchvision is stubbed (the official code imports it only for data loading; the official
     torchvision wheel does not load with a CPU torch);
   - the mask reshape of `spatial_attention_matching`, hard-coded to 9:16 latents, is made shape-agnostic
@@ -23,6 +26,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from official_parity_edits import make_edit_inputs, run_official_edits, run_our_edits  # noqa: E402 (tools/)
 
 REPO = Path(__file__).resolve().parents[1]
 HOW_TO = """The official side needs a Python with the official stack (CPU torch is enough):
@@ -125,11 +130,12 @@ def run_official(official: Path, work: Path):
     pipe = _official_models(work)
 
     # schedule: the scheduler's Karras sigmas and the inversion's extrapolated sigma_0 (euler_loop)
-    scheduler = copy.deepcopy(pipe.scheduler)
-    scheduler.set_timesteps(STEPS)
-    sigmas = scheduler.sigmas.double().clone()
-    sigma0 = sigmas[-2] * sigmas[-2] / sigmas[-3]
-    out["schedule"] = torch.cat([sigma0[None], sigmas[:-1].flip(0)])  # ascending, as the inversion visits them
+    for name, scheduler in (("schedule", _float64_sigmas(copy.deepcopy(pipe.scheduler))),
+                            ("schedule_f32", copy.deepcopy(pipe.scheduler))):
+        scheduler.set_timesteps(STEPS)
+        sigmas = scheduler.sigmas.double().clone()
+        sigma0 = sigmas[-2] * sigmas[-2] / sigmas[-3]
+        out[name] = torch.cat([sigma0[None], sigmas[:-1].flip(0)])  # ascending, as the inversion visits them
 
     # SARP (inverse_video's lines, with the official detector) and the inversion (euler_inversion)
     video = inputs["video"][None].float()  # (1, F, 3, H, W); inverse_video works in float32
@@ -143,11 +149,14 @@ def run_official(official: Path, work: Path):
     out["sarp"] = video_for_inv[0].clone()
     firstframe, keyframe, clip = video_for_inv.tensor_split([1, 2], dim=1)
     latents = tensor_to_vae_latent(clip.double(), pipe.vae)
-    trajectory = euler_inversion(pipe, copy.deepcopy(pipe.scheduler), latents, STEPS, image=keyframe[:, 0],
-                                 firstframe=firstframe[:, 0])
-    # the last entry is divided by sqrt(sigma_max^2 + 1); undo it to compare latents at sigma_max
-    trajectory[-1] = trajectory[-1] * (float(sigmas[0]) ** 2 + 1) ** 0.5
-    out["inversion"] = torch.stack([t[0].double() for t in trajectory])
+    rng = torch.get_rng_state()  # the conditioning noise is drawn inside; both runs draw the same
+    for name, make in (("inversion", lambda: _float64_sigmas(copy.deepcopy(pipe.scheduler))),
+                       ("inversion_f32_sigmas", lambda: copy.deepcopy(pipe.scheduler))):
+        torch.set_rng_state(rng)
+        trajectory = euler_inversion(pipe, make(), latents, STEPS, image=keyframe[:, 0], firstframe=firstframe[:, 0])
+        # the last entry is divided by sqrt(sigma_max^2 + 1); undo it to compare latents at sigma_max
+        trajectory[-1] = trajectory[-1] * (float(sigmas[0]) ** 2 + 1) ** 0.5
+        out[name] = torch.stack([t[0].double() for t in trajectory])
 
     # one spatial matching layer (AttentionControlEdit.spatial_attention_matching, masked_copy)
     m = inputs["matching"]
@@ -176,7 +185,27 @@ def run_official(official: Path, work: Path):
         y = layer(lo["x"])
         (y * lo["g"]).sum().backward()
     out["lora"] = dict(y=y.detach(), down=layer.lora_down.weight.grad, up=layer.lora_up.weight.grad)
+    out.update(run_official_edits(work, inputs, lambda: _official_models(work), _float64_sigmas, STEPS, SEED))
     torch.save(out, work / "official.pt")
+
+
+def _float64_sigmas(scheduler):
+    """The scheduler with its own Karras sigmas and c_noise timesteps kept in float64 (diffusers 0.25.1 casts
+    the table to float32: a 6e-8 rounding of every sigma that the random tiny UNet's inversion amplifies to
+    3e-3 by sigma_max, so a float64 comparison needs the table in float64 on both sides)."""
+    import numpy as np
+    import torch
+    set_timesteps = scheduler.set_timesteps
+
+    def patched(steps, device=None):
+        set_timesteps(steps, device=device)
+        train = (((1 - scheduler.alphas_cumprod) / scheduler.alphas_cumprod) ** 0.5).numpy()
+        karras = torch.from_numpy(scheduler._convert_to_karras(in_sigmas=train[::-1].copy(),
+                                                                num_inference_steps=steps))
+        scheduler.timesteps = torch.Tensor([0.25 * sigma.log() for sigma in karras])
+        scheduler.sigmas = torch.cat([karras, torch.zeros(1, dtype=karras.dtype)])
+    scheduler.set_timesteps = patched
+    return scheduler
 
 
 def _shape_agnostic_rearrange(rearrange):
@@ -205,8 +234,8 @@ def make_inputs(work: Path):
                 up=torch.randn(12, 4, generator=gen, dtype=torch.float64),
                 x=torch.randn(3, 5, 10, generator=gen, dtype=torch.float64),
                 g=torch.randn(3, 5, 12, generator=gen, dtype=torch.float64), seed=11)
-    torch.save(dict(video=synthetic_clip(FRAMES, HEIGHT, WIDTH, seed=3), matching=matching, lora=lora),
-               work / "inputs.pt")
+    torch.save(dict(video=synthetic_clip(FRAMES, HEIGHT, WIDTH, seed=3), matching=matching, lora=lora,
+                    edits=make_edit_inputs(FRAMES, HEIGHT, WIDTH, SEED)), work / "inputs.pt")
 
 
 def run_ours(work: Path):
@@ -242,6 +271,7 @@ def run_ours(work: Path):
     out["matching_default"] = torch.cat([uncond, matched_attention(
         m["q0"], m["k0"], m["q"][f:], m["k"][f:], m["v"][f:], threshold_ramp(m["thr"], f), use_triton=False)[0]]).double()
     out["lora"] = _our_lora(inputs["lora"])
+    out.update(run_our_edits(work, inputs, backend, STEPS, SEED, backend.latent_scale))
     torch.save(out, work / "ours.pt")
 
 
@@ -283,11 +313,19 @@ def table(work: Path) -> str:
     import torch
     theirs, ours = torch.load(work / "official.pt", weights_only=True), torch.load(work / "ours.pt", weights_only=True)
     rows = [("schedule (25 Karras sigmas + extrapolated sigma_0)", relative(ours["schedule"], theirs["schedule"])),
+            ("(the same, official table as diffusers 0.25.1 stores it: float32)",
+             relative(ours["schedule"], theirs["schedule_f32"])),
             ("SARP (same noise; F+2 frames)", relative(ours["sarp"], theirs["sarp"].to(ours["sarp"]))),
             ("inversion, official numerics: latent at every sigma (26)",
              relative(ours["inversion"], theirs["inversion"])),
             ("inversion, official numerics: z_T",
              relative(ours["inversion"][-1], theirs["inversion"][-1])),
+            ("(the official code against itself: its float32 sigma table vs float64, z_T)",
+             relative(theirs["inversion_f32_sigmas"][-1], theirs["inversion"][-1])),
+            ("single-clip edit (25 steps, matching, LoRA, CFG): final latent",
+             relative(ours["edit0"], theirs["edit0"])),
+            ("two-clip edit, skip-interval: clip 1's final latent (attends to edited clip 0's K/V)",
+             relative(ours["edit1"], theirs["edit1"])),
             ("one spatial matching layer (masked_copy), official ramp f/F",
              relative(ours["matching"], theirs["matching"])),
             ("LoRA forward, dropout 0.1 on the branch output (same mask)",
@@ -298,7 +336,9 @@ def table(work: Path) -> str:
             ("default numerics vs official code: inversion z_T",
              relative(ours["inversion_default"][-1], theirs["inversion"][-1])),
             ("default numerics vs official code: matching layer (ramp reaches thr1)",
-             relative(ours["matching_default"], theirs["matching"]))]
+             relative(ours["matching_default"], theirs["matching"])),
+            ("`official` preset vs default: single-clip edit (inversion + edit, same inputs)",
+             relative(ours["edit0_default"], ours["edit0"]))]
     lines = ["| stage | relative error (L2, float64 weights) |", "|---|---|"]
     lines += [f"| {name} | {value:.1e} |" for name, value in rows]
     return "\n".join(lines)
