@@ -66,7 +66,7 @@ def latent_conditioning(embeds: torch.Tensor, latent: torch.Tensor, num_frames: 
 def with_latent_noise(cond: Conditioning, strength: float, generator: Optional[torch.Generator] = None) -> Conditioning:
     """Add `strength` Gaussian noise in latent space to the conditioning latent (one draw, all frames)."""
     first = cond.image_latents[:, :1]
-    noisy = first + strength * _randn(first.shape, generator, first.device)
+    noisy = first + strength * _randn(first.shape, generator, first.device).to(first.dtype)  # scaled in the latent's precision
     return Conditioning(cond.image_embeds, noisy.expand_as(cond.image_latents).contiguous(), cond.time_ids)
 
 

@@ -236,7 +236,8 @@ def make_edit_inputs(frames, height, width, seed):
 
 
 def run_our_edits(work: Path, inputs, backend, steps, seed, scale):
-    """Both edits on our side under the `official` numerics, and clip 0 under the defaults."""
+    """Both edits on our side under the `official` numerics; clip 0 under the defaults, and under the
+    defaults' edit settings with the official inversion."""
     import torch
     from i2vedit_core.conditioning import MicroConditioning, latent_conditioning
     from i2vedit_core.editing import Clip0, edit_clip
@@ -247,8 +248,10 @@ def run_our_edits(work: Path, inputs, backend, steps, seed, scale):
     from dataclasses import replace
     e = inputs["edits"]
     out = {}
-    for numerics in ("official", "default"):
-        settings = with_numerics(PipelineSettings(), numerics)
+    for numerics in ("official", "default", "default_edit"):
+        settings = with_numerics(PipelineSettings(), numerics.replace("_edit", ""))
+        if numerics == "default_edit":  # the defaults' edit choices (D1-D3) on the official inversion
+            settings = replace(settings, inversion=with_numerics(settings, "official").inversion)
         edit = replace(settings.edit, seed=seed, matching=replace(settings.edit.matching, use_triton=False,
                                                                    thresholds=tuple(e["thresholds"])))
         inversion = replace(settings.inversion, steps=steps, seed=seed)
@@ -268,9 +271,9 @@ def run_our_edits(work: Path, inputs, backend, steps, seed, scale):
                 inversions.append(invert_clip(backend, e["clips"][1], inversion, clip0=inversions[0]))
             results.append(edit_clip(backend, inversions[k], cond, edit, lora_scale=1.0, clip0=clip0))
             image_latent = results[-1].latent[:, -1] / scale
-            if numerics == "default":
+            if numerics != "official":
                 break
-        out.update({f"edit{k}" + ("" if numerics == "official" else "_default"): r.latent[0].double()
+        out.update({f"edit{k}" + ("" if numerics == "official" else "_" + numerics): r.latent[0].double()
                     for k, r in enumerate(results)})
     return out
 
