@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from official_parity_edits import make_edit_inputs, run_official_edits, run_our_edits  # noqa: E402 (tools/)
+from official_parity_edits import float64_kept, make_edit_inputs, run_official_edits, run_our_edits  # noqa: E402 (tools/)
 
 REPO = Path(__file__).resolve().parents[1]
 HOW_TO = """The official side needs a Python with the official stack (CPU torch is enough):
@@ -174,8 +174,8 @@ def run_official(official: Path, work: Path):
                                                   mask_thr=list(m["thr"]), control_mode={"spatial_self": "masked_copy",
                                                                                          "temporal_self": "copy_v2"})
     control.cur_step = 0
-    out["matching"] = control.spatial_attention_matching("down", "spatial", False, m["q"], m["k"], m["v"], None,
-                                                         mode="masked_copy").double()
+    match = float64_kept(control.spatial_attention_matching)  # float64 kept, as in the edit stages
+    out["matching"] = match("down", "spatial", False, m["q"], m["k"], m["v"], None, mode="masked_copy").double()
 
     # LoRA forward/backward (LoraInjectedLinear, dropout 0.1 on the branch output, mask fixed by the seed)
     lo = inputs["lora"]
@@ -229,10 +229,10 @@ def make_inputs(work: Path):
     from i2vedit_core.tiny import synthetic_clip
     gen = torch.Generator().manual_seed(5)
     f, h, n, d = 2, 2, 16, 8
-    matching = dict(q=torch.randn(2 * f, h, n, d, generator=gen), k=torch.randn(2 * f, h, n, d, generator=gen),
-                    v=torch.randn(2 * f, h, n, d, generator=gen), q0=torch.randn(f, h, n, d, generator=gen),
-                    thr=(0.3, 0.5))
-    matching["k0"] = matching["k"][f:] + 0.3 * torch.randn(f, h, n, d, generator=gen)
+    matching = {name: torch.randn(rows, h, n, d, generator=gen, dtype=torch.float64)
+                for name, rows in (("q", 2 * f), ("k", 2 * f), ("v", 2 * f), ("q0", f))}
+    matching["k0"] = matching["k"][f:] + 0.3 * torch.randn(f, h, n, d, generator=gen, dtype=torch.float64)
+    matching["thr"] = (0.3, 0.5)
     lora = dict(w=torch.randn(12, 10, generator=gen, dtype=torch.float64),
                 b=torch.randn(12, generator=gen, dtype=torch.float64),
                 down=torch.randn(4, 10, generator=gen, dtype=torch.float64) / 4,
