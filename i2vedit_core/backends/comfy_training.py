@@ -22,6 +22,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..memory import checkpointed_levels
+from . import comfy_lora
 from .comfy_attention import level_of
 
 HEAVY_LAYERS = ("VideoResBlock", "SpatialVideoTransformer")
@@ -45,8 +46,18 @@ class CheckpointedForward:
     def __call__(self, *args, **kwargs):
         forward = type(self.module).forward
         if self.level in self.switch.levels and torch.is_grad_enabled():
-            return checkpoint(forward, self.module, *args, use_reentrant=False, **kwargs)
+            return checkpoint(recompute_with(forward, comfy_lora.CALL.get()), self.module, *args,
+                              use_reentrant=False, **kwargs)
         return forward(self.module, *args, **kwargs)
+
+
+def recompute_with(forward, lora_call):
+    """`forward` run with this UNet call's LoRA (scale, slot): the recomputation in backward happens after
+    the call's wrapper has reset it, maybe on autograd's thread."""
+    def run(*args, **kwargs):
+        with comfy_lora.lora_call(lora_call):
+            return forward(*args, **kwargs)
+    return run
 
 
 def install_checkpointing(patcher, diffusion_model, switch: Switch) -> None:

@@ -42,7 +42,7 @@ def test_comfy_dropout_acts_on_the_branch_output():
 
 
 def test_comfy_clip0_slot_is_a_second_weight_set_chosen_per_call():
-    """Exact skip-interval: clip 0's LoRA beside the clip's own, run while `slot` is "clip0"."""
+    """Exact skip-interval: clip 0's LoRA beside the clip's own, run by calls whose slot is "clip0"."""
     import comfy.ops
 
     torch.manual_seed(1)
@@ -61,7 +61,11 @@ def test_comfy_clip0_slot_is_a_second_weight_set_chosen_per_call():
         base = module(x)
         expected = [base + x @ down.T @ up.T for down, up in (p[PATH] for p in pairs)]
         torch.testing.assert_close(forward(x), expected[1], rtol=1e-5, atol=1e-5)
-        state.slot = "clip0"
-        torch.testing.assert_close(forward(x), expected[0], rtol=1e-5, atol=1e-5)
+        with comfy_lora.lora_call((1.0, "clip0")):
+            torch.testing.assert_close(forward(x), expected[0], rtol=1e-5, atol=1e-5)
+        with comfy_lora.lora_call((0.5, "clip0")):  # the call's scale, absolute
+            torch.testing.assert_close(forward(x), (base + expected[0]) / 2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(forward(x), expected[1], rtol=1e-5, atol=1e-5)  # the slot ended with the call
         state.clear()
-        torch.testing.assert_close(forward(x), base)  # detaching removes both slots
+        with comfy_lora.lora_call((1.0, "clip0")):
+            torch.testing.assert_close(forward(x), base)  # detaching removes both slots
