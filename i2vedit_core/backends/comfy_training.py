@@ -75,7 +75,14 @@ def trainable_now() -> bool:
 
 def replace_inference_tensors(model: torch.nn.Module, swapped: dict) -> int:
     """Swap inference-tensor parameters and buffers of `model` for normal clones, recording the originals
-    in `swapped` (put back by `restore_inference_tensors`); returns how many were swapped now."""
+    in `swapped` (put back by `restore_inference_tensors`); returns how many were swapped now.
+
+    Why it stays (the pack's one write to the shared BaseModel's attributes, through `comfy.utils.set_attr_param`
+    / `set_attr`): autograd cannot save an inference tensor for backward, a loader under inference mode makes
+    every weight one, and ComfyUI has no extension point that hands a forward other weights (object patches
+    replace methods, weight patches are merged into the same inference tensors). Only tensors that are
+    inference tensors are swapped, only while training, and the same objects go back afterwards
+    (tests/host/test_comfy_model_untouched.py)."""
     import comfy.utils
 
     count = 0
