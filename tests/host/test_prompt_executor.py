@@ -93,14 +93,15 @@ def graph():
         "4": {"class_type": "I2VEditSourceClips", "inputs": dict(frames=["2", 0], frames_per_clip=2, overlap=1,
                                                                  working_width=64, working_height=64, fit="pad")},
         "5": {"class_type": "I2VEditInvert", "inputs": dict(parts, clips=["4", 0], steps=2, sarp=True,
-                                                            sarp_scale=0.005, random_seed=1)},
+                                                            sarp_scale=0.005, random_seed=1, memory="auto")},
         "6": {"class_type": "I2VEditTrainMotionLora", "inputs": dict(parts, clips=["4", 0], training_steps=1, rank=2,
-                                                                     learning_rate=5e-4, random_seed=0)},
+                                                                     learning_rate=5e-4, random_seed=0, memory="auto")},
         "7": {"class_type": "I2VEditSaveMotionLora", "inputs": dict(motion_lora=["6", 0], name="graph/motion",
                                                                     overwrite=True)},
         "8": {"class_type": "I2VEditPropagate", "inputs": dict(
             parts, inversion=["5", 0], edited_first_frames=["3", 0], motion_lora=["6", 0], preset="style", beta1=0.8,
-            beta2=0.9, threshold_first=0.35, threshold_last=0.35, min_guidance=1.0, max_guidance=2.5, random_seed=0)},
+            beta2=0.9, threshold_first=0.35, threshold_last=0.35, min_guidance=1.0, max_guidance=2.5, random_seed=0, memory="auto",
+            paste_source=True)},
         "9": {"class_type": "I2VEditMetrics", "inputs": dict(source=["2", 0], output=["8", 0])},
         "10": {"class_type": "PreviewImage", "inputs": dict(images=["8", 1])},
         # The Inversion Sampler inside core SamplerCustomAdvanced, then euler back down.
