@@ -6,6 +6,7 @@ import torch
 from comfy_api.latest import io
 
 from i2vedit_core.pipeline import edit_video
+from i2vedit_core.presets import with_numerics
 from i2vedit_core.validation import NODES, check_node_inputs
 
 from .host import (NodeProgress, cancel_check, comfy_backend, frames_to_image, image_to_frames, map_to_image,
@@ -42,12 +43,13 @@ class EditVideoNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip_vision, vae, frames, edited_first_frame, mask=None, memory="auto",
-                paste_source=True, **widgets) -> io.NodeOutput:
+                paste_source=True, numerics="default", **widgets) -> io.NodeOutput:
         check_node_inputs(NODES.using(edited_first_frames="edited_first_frame"), frames, edited_first_frame, mask)
         clips = clips_from(frames, **widgets)
         settings = replace(clips.settings, inversion=inversion_settings(**widgets),
                            training=training_settings(**widgets) if widgets["train_motion_lora"] else None,
                            edit=edit_settings(**widgets), memory=memory, paste_source=paste_source)
+        settings = with_numerics(settings, numerics, posterior_sample=False)
         edited = image_to_frames(edited_first_frame, "edited first frame")
         progress = NodeProgress(node_id(cls))
         with comfy_backend(model, clip_vision, vae) as backend:

@@ -6,11 +6,12 @@ from comfy_api.latest import io
 
 from i2vedit_core.inversion import InversionSettings
 from i2vedit_core.pipeline import invert_video
+from i2vedit_core.presets import is_official
 from i2vedit_core.sarp import SARP_ALPHA
 
 from .artifacts import InvertedVideo, move_inversion
 from .host import NodeProgress, cancel_check, comfy_backend, node_id
-from .types import CATEGORY, Clips, Inversion, memory_input, model_inputs, seed_input
+from .types import CATEGORY, Clips, Inversion, memory_input, model_inputs, numerics_input, seed_input
 
 
 def inversion_inputs():
@@ -24,11 +25,14 @@ def inversion_inputs():
                                  "invert into usable noise (paper section 3.2). Keep on."),
         io.Float.Input("sarp_scale", default=SARP_ALPHA, min=0.0, max=1.0, step=0.001,
                        tooltip="Strength of the SARP noise (paper: 0.005). Ignored when sarp is off."),
+        numerics_input(),
     ]
 
 
-def inversion_settings(steps, sarp, sarp_scale, random_seed, **_) -> InversionSettings:
-    return InversionSettings(steps=steps, sarp_alpha=sarp_scale if sarp else 0.0, seed=random_seed)
+def inversion_settings(steps, sarp, sarp_scale, random_seed, numerics="default", **_) -> InversionSettings:
+    """numerics "official": the 8-bit conditioning; the VAE posterior mode stays (ComfyUI's VAE has no draw)."""
+    return InversionSettings(steps=steps, sarp_alpha=sarp_scale if sarp else 0.0, seed=random_seed,
+                             cond_8bit=is_official(numerics))
 
 
 def run_inversion(model, clip_vision, vae, clips, settings, node_id=None, memory="auto") -> InvertedVideo:

@@ -34,7 +34,7 @@ from i2vedit_core.sampling import sample_matched
 
 from .artifacts import InvertedVideo, move_inversion
 from .host import cancel_check, comfy_backend, image_to_frames
-from .propagate import edit_settings, matching_inputs
+from .propagate import edit_settings, edits_follow, matching_inputs
 from .types import CATEGORY, Inversion, memory_input, model_inputs, seed_input
 
 CHUNK_ROLE = {0: "cond", 1: "uncond"}  # ComfyUI's cond_or_uncond entries
@@ -168,7 +168,7 @@ class MatchedSamplerNode(io.ComfyNode):
     def execute(cls, model, clip_vision, vae, inversion, mask=None, memory="auto", **widgets) -> io.NodeOutput:
         import comfy.samplers
 
-        edit = edit_settings(random_seed=0, **widgets)
+        edit = edits_follow(inversion, edit_settings(random_seed=0, **widgets))
         latent = None if mask is None else latent_mask(mask.detach().float().cpu(), inversion.clips.video)
         job = MatchedJob(model, clip_vision, vae, inversion, edit, latent, memory)
         return io.NodeOutput(comfy.samplers.KSAMPLER(matched_function, extra_options={"job": job}))

@@ -8,6 +8,7 @@ from comfy_api.latest import io
 from i2vedit_core.attention import PRESETS, MatchSettings, TemporalSelector
 from i2vedit_core.editing import EditSettings
 from i2vedit_core.pipeline import check_edited_frames, keep_source_outside, latent_mask, propagate
+from i2vedit_core.presets import edit_with_numerics, inversion_numerics
 from i2vedit_core.validation import NODES, check_node_inputs
 
 from .artifacts import check_same_clips
@@ -53,6 +54,11 @@ def edit_settings(preset, beta1, beta2, threshold_first, threshold_last, min_gui
     return EditSettings(matching=matching, min_guidance=min_guidance, max_guidance=max_guidance, seed=random_seed)
 
 
+def edits_follow(inverted, edit: EditSettings) -> EditSettings:
+    """`edit` with the numerics the inversion was made with (the `numerics` widget of I2VEdit Invert)."""
+    return edit_with_numerics(edit, inversion_numerics(inverted.settings.inversion))
+
+
 def mask_inputs():
     """MASK and its paste option, shared with the all-in-one node."""
     return [
@@ -75,7 +81,7 @@ def run_propagation(model, clip_vision, vae, inverted, loras, edited_image, edit
                       video_frames=len(source))
     video = inverted.clips.video
     edits = check_edited_frames(image_to_frames(edited_image, "edited first frame"), video.fit)
-    settings = replace(inverted.settings, edit=edit, memory=memory)
+    settings = replace(inverted.settings, edit=edits_follow(inverted, edit), memory=memory)
     mask = None if mask is None else mask.detach().float().cpu()
     progress = NodeProgress(node_id)
     with comfy_backend(model, clip_vision, vae) as backend:

@@ -3,6 +3,7 @@
 from comfy_api.latest import io
 
 from i2vedit_core.memory import CHOICES as MEMORY_CHOICES
+from i2vedit_core.presets import NUMERICS
 
 CATEGORY = "I2VEdit"
 
@@ -28,6 +29,15 @@ def memory_input():
                                   "finest layers in training. 12gb: recompute every layer, decode 2 frames at a "
                                   "time, unload other models first (slowest). After an out-of-memory error, pick "
                                   "the next setting down.")
+
+
+def numerics_input():
+    """The numerics preset (i2vedit_core.presets) of the nodes that make an inversion."""
+    return io.Combo.Input("numerics", options=list(NUMERICS), default="default",
+                          tooltip="default: this pack's numerical choices. official: the official I2VEdit code's "
+                                  "(source attention one step later, stage-2 exception, f/F threshold ramp, 8-bit "
+                                  "conditioning; ComfyUI's VAE gives the posterior mode, not a draw). Edits made from "
+                                  "this inversion follow it. See docs/FIDELITY.md.")
 
 
 def seed_input(tooltip: str):

@@ -9,7 +9,7 @@ from i2vedit_core.attention.temporal import TemporalSelector
 from i2vedit_core.cli import build_parser, settings_from
 from i2vedit_core.conditioning import eight_bit
 from i2vedit_core.pipeline import PipelineSettings
-from i2vedit_core.presets import numerics_of, with_numerics
+from i2vedit_core.presets import edit_with_numerics, inversion_numerics, numerics_of, with_numerics
 
 
 def test_official_preset_value_by_value():
@@ -34,6 +34,18 @@ def test_official_preset_value_by_value():
     assert with_numerics(PipelineSettings(), "default") == base
     with pytest.raises(ValueError, match="official"):
         with_numerics(base, "paper")
+
+
+
+def test_official_on_a_host_without_a_posterior_draw():
+    """ComfyUI's VAE gives the posterior mode: there "official" is every official choice but vae_sample, and
+    the edits of an inversion follow the numerics it was made with (the nodes' one widget)."""
+    base = PipelineSettings()
+    host = with_numerics(base, "official", posterior_sample=False)
+    assert host.inversion.cond_8bit is True and host.inversion.vae_sample is False
+    assert host.edit == with_numerics(base, "official").edit == edit_with_numerics(base.edit, "official")
+    assert inversion_numerics(host.inversion) == "official" and inversion_numerics(base.inversion) == "default"
+    assert edit_with_numerics(host.edit, "default") == base.edit
 
 
 def test_cli_flag_builds_the_same_settings():

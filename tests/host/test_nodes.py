@@ -185,6 +185,31 @@ def test_edit_video_all_in_one(nodes, parts, source):
     assert tuple(frames.shape) == (3, *SIZE, 3) and tuple(maps.shape) == (3, *SIZE, 3)
 
 
+def test_official_numerics_one_widget_through_the_chain(nodes, parts, source, clips, inversion):
+    """`numerics` on Invert is followed by Propagate and the Matched Sampler; Edit Video's widget gives the
+    same frames as the chain; and the setting changes the edit (so the equalities below could fail)."""
+    from i2vedit_core.presets import edit_with_numerics, with_numerics
+
+    official = run(nodes["I2VEditInvert"], clips=clips, **parts, **INVERT_WIDGETS, numerics="official")[0]
+    settings = official.settings.inversion
+    assert settings.cond_8bit and not settings.vae_sample  # ComfyUI's VAE gives the posterior mode
+    chain = run(nodes["I2VEditPropagate"], inversion=official, edited_first_frames=edited(source), **parts,
+                **MATCH_WIDGETS).args[0]
+    plain = run(nodes["I2VEditPropagate"], inversion=inversion, edited_first_frames=edited(source), **parts,
+                **MATCH_WIDGETS).args[0]
+    widgets = {**CLIP_WIDGETS, **INVERT_WIDGETS, **TRAIN_WIDGETS, **MATCH_WIDGETS, "train_motion_lora": False}
+    all_in_one = run(nodes["I2VEditEditVideo"], frames=source, edited_first_frame=edited(source), **parts,
+                     **widgets, numerics="official").args[0]
+    torch.testing.assert_close(all_in_one, chain, rtol=0, atol=1e-5)
+    assert float((chain - plain).abs().max()) > 1e-3
+    sampler = run(nodes["I2VEditMatchedSampler"], inversion=official, **parts,
+                  **{k: v for k, v in MATCH_WIDGETS.items() if k != "random_seed"}).result[0]
+    edit = sampler.extra_options["job"].edit
+    assert edit.source_step_offset == 1 and edit.matching.official_ramp
+    assert edit == edit_with_numerics(edit, "official") != edit_with_numerics(edit, "default")
+    assert with_numerics(official.settings, "official", posterior_sample=False).inversion == settings
+
+
 def test_metrics(nodes, source):
     report, plot = run(nodes["I2VEditMetrics"], source=source, output=source.flip(2),
                        edited_first_frame=edited(source)).args
