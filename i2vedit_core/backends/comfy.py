@@ -29,7 +29,7 @@ from typing import List, Optional
 import torch
 from kornia.geometry.transform import resize
 
-from . import comfy_attention, comfy_lora, comfy_model_lora, comfy_training
+from . import comfy_attention, comfy_compile, comfy_lora, comfy_model_lora, comfy_training
 from .base import Conditioning
 from .comfy_attention import CONTROLLER_KEY
 
@@ -191,6 +191,10 @@ class ComfyBackend:
         return comfy_training.training_mode(self.lora, self.checkpointing, gradient_checkpointing, levels,
                                             self.patcher.model)
 
+    def compiled(self, backend: str = "inductor"):
+        """The clone's UNet through torch.compile inside (training.compiled_unet; comfy_compile.py)."""
+        return comfy_compile.compiled(self.patcher, backend)
+
     # --- cache identity ----------------------------------------------------------------------
 
     def identity(self) -> str:
@@ -228,7 +232,12 @@ class ComfyBackend:
         """Load the clone through ComfyUI's model management (respects its offloading); no-op if loaded."""
         import comfy.model_management as mm
 
-        if any(m is self.patcher for m in mm.loaded_models()):
+        ours = [loaded for loaded in mm.current_loaded_models if loaded.model is self.patcher]
+        if ours:
+            if self.offload and self.device.type == "cuda" and len(mm.current_loaded_models) > len(ours):
+                # The VAE or CLIP vision came back for a call (training's data, a decode): out again
+                # through ComfyUI's own unloading, the UNet kept.
+                mm.free_memory(mm.get_total_memory(self.device), self.device, keep_loaded=ours)
             return
         memory = 0
         if latent_shape is not None:
