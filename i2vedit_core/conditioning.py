@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from .backends.base import Conditioning, SVDBackend
+from .backends.base import Conditioning, SVDBackend, state_float
 
 
 @dataclass(frozen=True)
@@ -53,20 +53,20 @@ def official_inversion_conditioning(backend: SVDBackend, first: torch.Tensor, ke
     noise = micro.noise_aug_strength * _randn(first.shape, generator, first.device)
     latents = backend.encode(torch.stack([first + noise, key + noise])) / backend.latent_scale
     image_latents = torch.cat([latents[1:2, None], latents[0:1, None].expand(-1, num_frames - 1, -1, -1, -1)], dim=1)
-    return Conditioning(embeds[:, None].float(), image_latents.float(), micro.time_ids(first.device))
+    return Conditioning(state_float(embeds[:, None]), state_float(image_latents), micro.time_ids(first.device))
 
 
 def latent_conditioning(embeds: torch.Tensor, latent: torch.Tensor, num_frames: int,
                         micro: MicroConditioning = MicroConditioning()) -> Conditioning:
     """Conditioning from a CLIP embedding (1, D) and an unscaled latent (1, 4, h, w)."""
     image_latents = latent[:, None].expand(-1, num_frames, -1, -1, -1).contiguous()
-    return Conditioning(embeds[:, None].float(), image_latents.float(), micro.time_ids(latent.device))
+    return Conditioning(state_float(embeds[:, None]), state_float(image_latents), micro.time_ids(latent.device))
 
 
 def with_latent_noise(cond: Conditioning, strength: float, generator: Optional[torch.Generator] = None) -> Conditioning:
     """Add `strength` Gaussian noise in latent space to the conditioning latent (one draw, all frames)."""
     first = cond.image_latents[:, :1]
-    noisy = first + strength * _randn(first.shape, generator, first.device)
+    noisy = first + strength * _randn(first.shape, generator, first.device).to(first.dtype)  # scaled in the latent's precision
     return Conditioning(cond.image_embeds, noisy.expand_as(cond.image_latents).contiguous(), cond.time_ids)
 
 

@@ -1,7 +1,8 @@
 """Inversion and denoising loops, shaped like k-diffusion's samplers.
 
 `model(x, sigma, **extra_args)` is a denoiser: it returns D(x, sigma), the model's estimate
-of the clean latent. Latents and the Euler update stay float32 whatever the model runs in.
+of the clean latent. Latents and the Euler update stay float32 whatever the model runs in (float64 stays
+float64: `backends.base.state_float`).
 `callback`, if given, is called once per step with a dict; raising from it cancels the loop
 (ComfyUI's progress callback raises on Cancel the same way). Both loops pass `step=i` to the
 model so step-dependent attention control never has to count calls.
@@ -11,6 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .backends.base import state_float
 from .schedule import euler_step
 
 Denoiser = Callable[..., torch.Tensor]
@@ -28,11 +30,11 @@ def invert(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args: O
     """
     _check_sigmas(sigmas, ascending=True)
     extra_args = extra_args or {}
-    x = x.float()
+    x = state_float(x)
     trajectory = [x]
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, sigma, step=i, **extra_args).float()
+        denoised = model(x, sigma, step=i, **extra_args).to(x.dtype)
         x = euler_step(x, denoised, sigma, sigma_next)
         trajectory.append(x)
         if callback is not None:
@@ -48,10 +50,10 @@ def denoise(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args: 
     """
     _check_sigmas(sigmas, ascending=False)
     extra_args = extra_args or {}
-    x = x.float()
+    x = state_float(x)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, sigma, step=i, **extra_args).float()
+        denoised = model(x, sigma, step=i, **extra_args).to(x.dtype)
         x = denoised if sigma_next == 0 else euler_step(x, denoised, sigma, sigma_next)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
@@ -77,7 +79,7 @@ def sample_matched(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra
     if (keep is None) != (source is None):
         raise ValueError("a latent mask needs the source trajectory (source) and vice versa")
     extra_args = extra_args or {}
-    x = x.float()
+    x = state_float(x)
     steps = len(sigmas) - 1
     for i in range(steps):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -85,7 +87,7 @@ def sample_matched(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra
             x = keep * x + (1 - keep) * source(i).to(x)
         if before_step is not None:
             before_step(i, sigma)
-        denoised = model(x, sigma, **extra_args).float()
+        denoised = model(x, sigma, **extra_args).to(x.dtype)
         x = denoised if sigma_next == 0 else euler_step(x, denoised, sigma, sigma_next)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})

@@ -20,7 +20,7 @@ from typing import Callable, Tuple
 import torch
 
 from .attention.controller import AttentionController, MatchSettings
-from .backends.base import Conditioning, SVDBackend
+from .backends.base import Conditioning, SVDBackend, state_float
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class KVSource:
 def capture_clip0_kv(backend: SVDBackend, controller: AttentionController, source: KVSource,
                      sigma: float) -> None:
     """Fill the controller's step buffer with clip-0 K/V of every temporal attn1 (the output is discarded)."""
-    x = source.latent_at(sigma).to(torch.float32)
+    x = state_float(source.latent_at(sigma))
     with torch.no_grad():
         backend.denoise(x.expand(len(source.rows), *x.shape[1:]), sigma, source.cond,
                         attention=controller.kv_pass(source.rows), lora_scale=source.lora_scale)

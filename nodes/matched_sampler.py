@@ -6,7 +6,7 @@ The loop is the core's `sampling.sample_matched`, the one edit_clip runs. Per st
      conditioning, capturing spatial q/k and temporal probabilities (`editing.source_forward`);
   2. the guider's own call (a CFGGuider). This sampling's own model_options copy gets a
      `model_function_wrapper` that gives each UNet call an edit pass whose rows follow that call's
-     `cond_or_uncond` and the motion LoRA at scale 1, and a `sampler_post_cfg_function` that applies the
+     `cond_or_uncond` and the motion LoRA at scale 1 (both in that call's transformer_options), and a `sampler_post_cfg_function` that applies the
      node's min/max guidance per frame exactly as edit_clip does (the guider's cfg is replaced; with
      `disable_cfg1_optimization` the negative is always computed).
 MODEL is cloned by the backend: a motion LoRA loaded onto it (LoraLoaderModelOnly) becomes the clone's
@@ -26,6 +26,7 @@ from comfy_api.latest import io
 
 from i2vedit_core.attention import AttentionController
 from i2vedit_core.backends.comfy_attention import CONTROLLER_KEY
+from i2vedit_core.backends.comfy_lora import with_lora
 from i2vedit_core.editing import EditSettings, check_schedule, noised_conditioning, source_forward
 from i2vedit_core.pipeline import (PipelineSettings, check_edited_frames, edit_conditioning, latent_mask,
                                    memory_hint, memory_plan)
@@ -68,12 +69,11 @@ def edit_wrapper(backend, controller: AttentionController, previous=None):
         c = dict(args["c"])
         options = dict(c.get("transformer_options", {}))
         options[CONTROLLER_KEY] = controller.edit_pass(edit_rows(args["cond_or_uncond"]))
-        c["transformer_options"] = options
+        c["transformer_options"] = with_lora(options, 1.0 if backend.model_lora is not None else 0.0)
         args = dict(args, c=c)
-        with backend.lora_scale(1.0 if backend.model_lora is not None else 0.0):
-            if previous is not None:
-                return previous(apply_model, args)
-            return apply_model(args["input"], args["timestep"], **c)
+        if previous is not None:
+            return previous(apply_model, args)
+        return apply_model(args["input"], args["timestep"], **c)
     return wrapper
 
 

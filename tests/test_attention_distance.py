@@ -49,6 +49,20 @@ def test_distance_is_zero_for_identical_attention_and_half_l1_by_hand():
     assert float(chunked_row_distance(q, k_src, q, k, 2)[0, 0]) == pytest.approx(float(p) - 0.5, abs=1e-7)
 
 
+def test_float64_inputs_give_a_float64_distance():
+    """The parity harness runs float64: the distance (a blend weight below the threshold) must not round to
+    float32 there (6e-8 per layer and step, which the harness's tiny model amplifies)."""
+    gen = torch.Generator().manual_seed(3)
+    q_src, k_src, q, k = (torch.randn(2, 2, 16, 8, generator=gen, dtype=torch.float64) for _ in range(4))
+    d = chunked_row_distance(q_src, k_src, q, k)
+    a_src = torch.softmax(q_src @ k_src.transpose(-1, -2) / 8 ** 0.5, -1)
+    a = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, -1)
+    reference = (a_src - a).abs().mean(1).sum(-1).clamp(0, 2) / 2
+    assert d.dtype == torch.float64
+    assert float((d - reference).abs().max()) < 1e-14
+    assert chunked_row_distance(q_src.float(), k_src.float(), q.float(), k.float()).dtype == torch.float32
+
+
 def test_budget_below_one_row_is_refused_with_the_fix():
     q_src, k_src, q, k = _qk(1, 2, 8, 8, 4)
     with pytest.raises(ValueError, match="raise it"):

@@ -67,10 +67,19 @@ def test_scale_is_absolute_and_restored(trained, base_output):
     assert len(params) == 2 * 192 and all(p.requires_grad and p.dtype == torch.float32 for p in params)
     half = out(backend, x, cond, scale=0.5)
     zero = out(backend, x, cond, scale=0.0)
-    # Half the scale gives about half the effect of this small LoRA (the network is nearly linear in it).
-    ratio = float((half - base_output).norm() / (full - base_output).norm())
-    assert 0.4 < ratio < 0.6
+    assert float((half - zero).abs().max()) > 1e-4 and float((full - half).abs().max()) > 1e-4
     torch.testing.assert_close(zero, base_output, rtol=0, atol=1e-5)
+    # Absolute: each adapted Linear adds exactly scale x its branch. (Asserted per layer: the tiny UNet's response
+    # to the branch is not linear enough to compare whole outputs; under torch 2.14.1 the output moves 8 % of the
+    # full effect at scale 0.5 and 82 % at 0.75.)
+    name, layer = next(iter(diffusers_lora.lora_layers(backend.unet).items()))
+    probe = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
+    effect = {}
+    for scale in (0.0, 0.5, 1.0):
+        with diffusers_lora.use_lora_scale(backend.unet, scale), torch.no_grad():
+            effect[scale] = layer(probe)
+    assert float((effect[1.0] - effect[0.0]).abs().max()) > 1e-3, name
+    torch.testing.assert_close(effect[0.5] - effect[0.0], (effect[1.0] - effect[0.0]) / 2, rtol=1e-4, atol=1e-6)
     layers = diffusers_lora.lora_layers(backend.unet).values()
     assert all(layer.scaling[diffusers_lora.ADAPTER] == 1.0 and not layer.disable_adapters for layer in layers)
     assert all(p.requires_grad for p in params)  # peft's enable/disable did not leak into requires_grad

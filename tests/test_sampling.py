@@ -109,6 +109,23 @@ def test_inversion_shapes_dtype_and_callback(backend, clip):
     assert torch.equal(inversion.latent_at(inversion.sigmas[0] * 1.01), inversion.latents[0])
 
 
+def test_a_float64_model_keeps_latents_and_conditioning_in_float64(clip):
+    """The parity harness compares float64 runs: a float32 state would round every step to 6e-8, which the
+    random tiny model's inversion amplifies to 3e-3 by sigma_max (docs/FIDELITY.md)."""
+    from i2vedit_core.tiny import tiny_backend
+    backend = tiny_backend(seed=0)
+    for module in (backend.unet, backend.vae, backend.image_encoder):
+        module.double()
+    backend.dtype = torch.float64
+    settings = InversionSettings(steps=2, cond_8bit=True, vae_sample=True)
+    inversion = invert_clip(backend, clip[:3], settings)
+    assert inversion.latents.dtype == torch.float64
+    assert inversion.cond.image_latents.dtype == inversion.cond.image_embeds.dtype == torch.float64
+    plain = invert_clip(backend, clip[:3], InversionSettings(steps=2))
+    assert plain.latents.dtype == plain.cond.image_latents.dtype == torch.float64
+    assert 0 < float((plain.latents[-1] - inversion.latents[-1]).abs().max())
+
+
 def test_inversion_is_seeded(backend, clip):
     a = invert_clip(backend, clip, InversionSettings(steps=2, seed=1))
     b = invert_clip(backend, clip, InversionSettings(steps=2, seed=1))

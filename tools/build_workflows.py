@@ -189,9 +189,41 @@ QWEN = dict(
              [stage("Propagate the edit", [edit_video((28, 0))])],
              [result_stage((10, 0), (28, 0), "edited frame 0")]])
 
+COMPOSABLE = dict(
+    note=note("The composable parts: I2VEdit's matched denoising as a SAMPLER in core SamplerCustomAdvanced, with "
+              "the motion LoRA on the MODEL through core LoraLoaderModelOnly.\n\nChange first:\n1) the instruction "
+              "and the InstructPix2Pix checkpoint,\n2) in LoraLoaderModelOnly, the motion LoRA trained for THIS video "
+              "and these Source Clips settings (05 saves it; for several clips pick the _clip01ofNN file),\n3) the "
+              "SVD checkpoint and the video.\n\nIt edits clip 0 (the first frames_per_clip frames). KarrasScheduler "
+              "keeps the inversion's steps, sigma 700 to 0.002; the guider's cfg is replaced by the Matched "
+              "Sampler's min/max guidance. Connect a MASK to the sampler to keep the source outside it."),
+    columns=[[svd_stage(), video_stage()],
+             [sd_edit("instruct-pix2pix.safetensors", "make it winter", "",
+                      dict(id=25, type="InstructPixToPixConditioning",
+                           i=dict(positive=(23, 0), negative=(24, 0), vae=(21, 2), pixels=(20, 0))),
+                      (dict(model=(21, 0), positive=(25, 0), negative=(25, 1), latent_image=(25, 2)),
+                       dict(steps=20, cfg=7.5)))],
+             [stage("Clips and inversion", [dict(id=30, type="I2VEditSourceClips", i=dict(frames=(3, 0)),
+                                                 w=dict(frames_per_clip=14)),
+                                            dict(id=31, type="I2VEditInvert", i=dict(MODELS, clips=(30, 0)))]),
+              stage("Motion LoRA on the MODEL", [dict(id=40, type="LoraLoaderModelOnly", i=dict(model=(1, 0)),
+                                                      w=dict(lora_name="i2vedit/my_video.safetensors"))])],
+             [stage("Matched sampling (clip 0)",
+                    [dict(id=60, type="I2VEditEditConditioning", i=dict(MODELS, inversion=(31, 0),
+                                                                        edited_first_frame=(27, 0))),
+                     dict(id=61, type="CFGGuider", i=dict(model=(40, 0), positive=(60, 0), negative=(60, 1)),
+                          w=dict(cfg=2.5)),
+                     dict(id=62, type="KarrasScheduler", w=dict(steps=25, sigma_max=700.0, sigma_min=0.002)),
+                     dict(id=63, type="DisableNoise")],
+                    [dict(id=64, type="I2VEditMatchedSampler", i=dict(MODELS, model=(40, 0), inversion=(31, 0))),
+                     dict(id=65, type="SamplerCustomAdvanced", i=dict(noise=(63, 0), guider=(61, 0), sampler=(64, 0),
+                                                                      sigmas=(62, 0), latent_image=(60, 2))),
+                     dict(id=66, type="VAEDecode", i=dict(samples=(65, 0), vae=(1, 2)))])],
+             [result_stage((66, 0), (27, 0), "edited frame 0")]])
+
 WORKFLOWS = {"01_edit_from_file": FROM_FILE, "02_inpaint_first_frame": INPAINT, "03_instruct_edit": INSTRUCT,
              "04_style_transfer": STYLE, "05_long_video_save_lora": LONG, "06_reuse_motion_lora": REUSE,
-             "07_qwen_image_edit": QWEN}
+             "07_qwen_image_edit": QWEN, "08_composable_matched_sampler": COMPOSABLE}
 
 
 def widget_values(spec, definition):

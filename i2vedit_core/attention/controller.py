@@ -22,6 +22,7 @@ from typing import Dict, Optional, Set, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..backends.base import state_float
 from .distance import DEFAULT_BUDGET
 from .maps import DifferenceMaps
 from .matching import DEFAULT_THRESHOLDS, check_thresholds, matched_attention, threshold_ramp
@@ -151,7 +152,7 @@ class AttentionController:
             self.step, self.steps, site.downscale, site.path)
         if p.capture_source and use_source:
             q_src, k_src = _rows_of(site, "source", q.detach(), k.detach())
-            self.buffer.probs[site.path] = torch.softmax(q_src.float() @ k_src.float().transpose(-1, -2)
+            self.buffer.probs[site.path] = torch.softmax(state_float(q_src) @ state_float(k_src).transpose(-1, -2)
                                                          * q.shape[-1] ** -0.5, dim=-1)
         if not (p.match and use_source and "cond" in site.layout.rows):
             return F.scaled_dot_product_attention(q, k, v)

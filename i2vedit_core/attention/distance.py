@@ -8,12 +8,14 @@ no intermediate exceeds `budget` elements.
 
 import torch
 
+from ..backends.base import state_float
+
 DEFAULT_BUDGET = 1 << 24  # elements per intermediate: 64 MiB in fp32
 
 
 def row_distance(q_src: torch.Tensor, k_src: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                  budget: int = DEFAULT_BUDGET, use_triton: bool = True) -> torch.Tensor:
-    """d (B, N) float32 for q (B, H, N, D) and k (B, H, Nk, D) of the source and of the edit."""
+    """d (B, N) float32 (float64 for float64 inputs) for q (B, H, N, D) and k (B, H, Nk, D) of the source and of the edit."""
     _check_shapes(q_src, k_src, q, k)
     if use_triton and q.is_cuda:
         from . import triton_distance
@@ -27,16 +29,16 @@ def chunked_row_distance(q_src, k_src, q, k, budget: int = DEFAULT_BUDGET) -> to
     frames, heads, tokens, dim = q.shape
     keys = k.shape[2]
     rows = budget // (heads * keys)  # query rows (all heads) whose logits fit the budget
-    low_precision = q.dtype != torch.float32
+    low_precision = q.dtype not in (torch.float32, torch.float64)
     if rows < 1 or (low_precision and heads * keys * dim > budget):
         raise ValueError(f"chunk budget {budget} is below one query row of attention "
                          f"({heads} heads x {keys} keys{f' x {dim} dims' if low_precision else ''}): raise it")
     group, chunk = max(1, rows // tokens), min(tokens, rows)
     if low_precision:  # the fp32 copy of the group's keys must fit too
         group = max(1, min(group, budget // (heads * keys * dim)))
-    out = torch.empty(frames, tokens, dtype=torch.float32, device=q.device)
+    out = torch.empty(frames, tokens, dtype=state_float(q[:0]).dtype, device=q.device)
     for b in range(0, frames, group):
-        ks, ke = k_src[b:b + group].float(), k[b:b + group].float()
+        ks, ke = state_float(k_src[b:b + group]), state_float(k[b:b + group])
         for i in range(0, tokens, chunk):
             a = _probabilities(q_src[b:b + group, :, i:i + chunk], ks)
             a.sub_(_probabilities(q[b:b + group, :, i:i + chunk], ke)).abs_()
@@ -52,7 +54,7 @@ def naive_row_distance(q_src, k_src, q, k) -> torch.Tensor:
 
 
 def _probabilities(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    logits = torch.matmul(q.float(), k.transpose(-1, -2))
+    logits = torch.matmul(state_float(q), k.transpose(-1, -2))
     return torch.softmax(logits.mul_(q.shape[-1] ** -0.5), dim=-1)
 
 

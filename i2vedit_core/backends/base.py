@@ -1,13 +1,21 @@
 """The one seam between the algorithm and a concrete SVD implementation (DESIGN.md).
 
 Everything in i2vedit_core outside `backends/` talks to SVD only through `SVDBackend`.
-Latent convention: (B, F, 4, h, w) float32, scaled by the VAE factor, as the UNet sees them.
+Latent convention: (B, F, 4, h, w) float32, scaled by the VAE factor, as the UNet sees them (float64
+when the model runs in float64: the parity harness compares float64 runs; see `state_float`).
 """
 
 from dataclasses import dataclass, replace
 from typing import ContextManager, Dict, List, Optional, Protocol, runtime_checkable
 
 import torch
+
+
+def state_float(tensor: torch.Tensor) -> torch.Tensor:
+    """Latents, conditioning and Euler updates are float32 at least: float64 stays float64 (a float64
+    model is run to compare against a reference at rounding level, and a float32 state would round every
+    step to 6e-8, which a random tiny model's inversion amplifies 1e4-fold)."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ comfy_training.py). They are installed once, pass straight through when unused, 
 applies them at load and removes them at unload (`release()`).
 """
 
-import contextlib
 import hashlib
 from typing import List, Optional
 
@@ -114,7 +113,8 @@ class ComfyBackend:
         """D(x, sigma | cond) through ComfyUI's own `apply_model` (v-prediction EDM preconditioning).
 
         attention: an AttentionPass; its `rows` name the role of each video (cond_or_uncond is set to
-        match). lora_scale: absolute scale of the attached motion LoRA for this call (0 = base model).
+        match). lora_scale, lora_slot: the motion LoRA of this call (0 = base model), carried in its
+        transformer_options (comfy_lora.with_lora) as the attention pass is.
         """
         if x.ndim != 5:
             raise ValueError(f"latents must be (B, F, 4, h, w), got shape {tuple(x.shape)}")
@@ -132,23 +132,12 @@ class ComfyBackend:
             comfy_training.replace_inference_tensors(self.patcher.model, self.checkpointing.swapped)
         flat, inputs = self._unet_inputs(x, cond)
         sigmas = torch.full((flat.shape[0],), float(sigma), dtype=torch.float32, device=self.device)
-        inputs["transformer_options"] = options = denoise_transformer_options(self.patcher, chunks, sigmas)
+        options = denoise_transformer_options(self.patcher, chunks, sigmas)
         if attention is not None:
             options[CONTROLLER_KEY] = attention
-        with self.lora_scale(lora_scale, lora_slot):
-            out = call_apply_model(self.patcher, flat, sigmas, inputs, chunks)
+        inputs["transformer_options"] = comfy_lora.with_lora(options, lora_scale, lora_slot)
+        out = call_apply_model(self.patcher, flat, sigmas, inputs, chunks)
         return out.float().view_as(x)
-
-    @contextlib.contextmanager
-    def lora_scale(self, scale: float, slot: str = "clip"):
-        """The motion LoRA in `slot` ("clip": the attached one, "clip0": clip 0's inference-only set) at
-        absolute `scale` for the UNet calls inside (0 = base model)."""
-        previous = self.lora.scale, self.lora.slot
-        self.lora.scale, self.lora.slot = float(scale), slot
-        try:
-            yield
-        finally:
-            self.lora.scale, self.lora.slot = previous
 
     def _unet_inputs(self, x: torch.Tensor, cond: Conditioning):
         """Frames flattened into ComfyUI's batch axis, plus SVD's concat latent, CLIP context and adm."""
@@ -233,7 +222,7 @@ class ComfyBackend:
         import comfy.model_management as mm
 
         ours = [loaded for loaded in mm.current_loaded_models if loaded.model is self.patcher]
-        if ours:
+        if self.patched_in() and ours:
             if self.offload and self.device.type == "cuda" and len(mm.current_loaded_models) > len(ours):
                 # The VAE or CLIP vision came back for a call (training's data, a decode): out again
                 # through ComfyUI's own unloading, the UNet kept.
@@ -248,12 +237,22 @@ class ComfyBackend:
         self.patcher.pre_run()
 
     def release(self) -> None:
-        """Unload the clone: ModelPatcher undoes every patch it installed on the shared modules (object
-        patches, weights). The backend stays usable; the next `denoise` loads it again."""
-        import comfy.model_management as mm
+        """Take the clone's patches off the shared modules with ModelPatcher's public `detach()` (what ComfyUI's
+        own unloading calls): object patches and weights are restored from the backups it made, and the model
+        goes to its offload device. Only while they are this clone's patches: if ComfyUI has since loaded another
+        clone of the model, it already unpatched ours and the shared backups are that clone's.
 
-        for index in [i for i, loaded in enumerate(mm.current_loaded_models) if loaded.model is self.patcher]:
-            mm.current_loaded_models.pop(index).model_unload()
+        ComfyUI's loaded-model list is left to ComfyUI: an entry for this clone stays until ComfyUI drops it
+        (the next load of any clone of this model, `free_memory`) or, once the clone is gone, switches it to the
+        incoming MODEL (`LoadedModel._switch_parent`); both reload and repatch before use. The backend stays
+        usable; the next `denoise` loads it again."""
+        if self.patched_in():
+            self.patcher.detach()
+
+    def patched_in(self) -> bool:
+        """Whether this clone's object patches are the ones on the shared modules (one probe: an attn1 forward)."""
+        path, (module, _) = next(iter(self.attn1.items()))
+        return module.__dict__.get("forward") is self.patcher.object_patches.get(f"diffusion_model.{path}.forward")
 
 
 # --- how the UNet is called ----------------------------------------------------------------------

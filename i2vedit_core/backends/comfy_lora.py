@@ -7,8 +7,11 @@ and the diffusers backend do), reading the adapter from the backend's `LoraState
 - activation space, not ComfyUI's weight wrappers (`add_weight_wrapper`), because a weight-space
   delta cannot express I2VEdit's dropout on the LoRA branch (COMFYUI_NOTES 5.2), and it would keep
   a full weight copy per adapted Linear alive for backward;
-- the scale is absolute and per `denoise` call; 0 skips the branch, so the source forward is the
-  exact base model, and nothing is re-merged or reloaded between forwards;
+- the scale is absolute and travels per UNet call in `transformer_options[LORA_KEY]` = (scale, slot),
+  as the attention pass does under CONTROLLER_KEY. The Linears never see transformer_options, so a
+  DIFFUSION_MODEL wrapper on the clone (`lora_call_scope`) makes that call's value visible to them in
+  a ContextVar for the duration of the call and resets it after. 0 skips the branch, so the source
+  forward is the exact base model, and nothing is re-merged or reloaded between forwards;
 - attaching, loading or detaching only changes `LoraState`: the patches stay installed and pass
   straight through without an adapter.
 Adapters are fp32 master weights on the load device; the branch computes in the activations' dtype
@@ -16,6 +19,8 @@ Adapters are fp32 master weights on the load device; the branch computes in the 
 Files use the SGM paths of `lora.py`.
 """
 
+import contextlib
+from contextvars import ContextVar
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -26,13 +31,18 @@ from ..lora import (SVD_TEMPORAL_SITES, TEMPORAL_LINEARS, LoraSpec, MotionLora, 
 from .twins import lora_down_init, lora_generator, needs_fresh_adapter
 
 TEMPORAL_BLOCK_SUFFIX = ".time_stack.0"
+LORA_KEY = "i2vedit_lora"  # transformer_options: (scale, slot) of this UNet call; also the wrapper's key
+OUTSIDE_A_CALL = (1.0, "clip")  # a Linear called directly (no UNet call around it): the attached adapter
+# The running UNet call's (scale, slot), set only by `lora_call`; a ContextVar, not an attribute of the
+# state, so that a value never outlives the call that carried it.
+CALL: ContextVar = ContextVar("i2vedit_lora_call", default=OUTSIDE_A_CALL)
 
 
 class LoraState:
-    """The adapter of a backend: {SGM Linear path: fp32 Parameter}, its spec, scale and dropout switch.
+    """The adapter of a backend: {SGM Linear path: fp32 Parameter}, its spec and dropout switch.
 
     clip0: a second weight set {path: (down, up)} beside it (clip 0's LoRA, inference only), run
-    instead of the adapter while `slot` is "clip0" (exact skip-interval, editing.py).
+    instead of the adapter by calls whose slot is "clip0" (exact skip-interval, editing.py).
     """
 
     def __init__(self):
@@ -40,8 +50,6 @@ class LoraState:
         self.down: Dict[str, torch.nn.Parameter] = {}
         self.up: Dict[str, torch.nn.Parameter] = {}
         self.clip0: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
-        self.slot = "clip"
-        self.scale = 1.0
         self.dropout_active = False
         # False: the branch computes in the activations' dtype (the UNet's, or autocast's) from the fp32
         # master weights; True: activations upcast to fp32 first (slower, docs/PERFORMANCE.md "levers").
@@ -50,8 +58,8 @@ class LoraState:
     def clear(self) -> None:
         self.spec, self.down, self.up, self.clip0 = None, {}, {}, {}
 
-    def pair(self, path: str):
-        if self.slot == "clip0":
+    def pair(self, path: str, slot: str = "clip"):
+        if slot == "clip0":
             return self.clip0.get(path, (None, None))
         return self.down.get(path), self.up.get(path)
 
@@ -67,15 +75,53 @@ class LoraForward:
 
     def __call__(self, x, *args, **kwargs):
         out = type(self.module).forward(self.module, x, *args, **kwargs)
+        scale, slot = CALL.get()
+        if scale == 0:
+            return out
         state = self.state
-        down, up = state.pair(self.path)
-        if down is None or state.scale == 0:
+        down, up = state.pair(self.path, slot)
+        if down is None:
             return out
         dtype = down.dtype if state.full_precision else x.dtype
         delta = F.linear(F.linear(x.to(dtype), down.to(dtype)), up.to(dtype))
         if state.dropout_active and state.spec.dropout > 0:
             delta = F.dropout(delta, state.spec.dropout, training=True)
-        return out + (delta * state.scale).to(out.dtype)
+        return out + (delta * scale).to(out.dtype)
+
+
+@contextlib.contextmanager
+def lora_call(value: Tuple[float, str]):
+    """The Linears' (scale, slot) inside: one UNet call (`lora_call_scope`), or a checkpointed layer's
+    recomputation in backward, which may run after the call and on autograd's own thread."""
+    token = CALL.set(value)
+    try:
+        yield
+    finally:
+        CALL.reset(token)
+
+
+def lora_call_scope(executor, *args, **kwargs):
+    """DIFFUSION_MODEL wrapper (UNetModel.forward's arguments; transformer_options is the sixth): the call's
+    transformer_options[LORA_KEY] for the Linears while it runs."""
+    options = args[5] if len(args) > 5 else kwargs.get("transformer_options") or {}
+    with lora_call(options.get(LORA_KEY, OUTSIDE_A_CALL)):
+        return executor(*args, **kwargs)
+
+
+def with_lora(transformer_options: dict, scale: float, slot: str = "clip") -> dict:
+    """A copy of one call's transformer_options that runs the motion LoRA in `slot` ("clip": the attached
+    one, "clip0": clip 0's inference-only set) at absolute `scale` (0 = base model). The wrapper is added
+    when the options come from another MODEL (a guider's); the caller's dicts are not changed."""
+    import comfy.patcher_extension as ext
+
+    options = dict(transformer_options)
+    options[LORA_KEY] = (float(scale), slot)
+    wrappers = {kind: dict(by_key) for kind, by_key in options.get("wrappers", {}).items()}
+    diffusion = wrappers.setdefault(ext.WrappersMP.DIFFUSION_MODEL, {})
+    if lora_call_scope not in diffusion.get(LORA_KEY, []):
+        diffusion[LORA_KEY] = list(diffusion.get(LORA_KEY, [])) + [lora_call_scope]
+    options["wrappers"] = wrappers
+    return options
 
 
 def adaptable_linears(diffusion_model) -> Dict[str, torch.nn.Module]:
@@ -88,8 +134,11 @@ def adaptable_linears(diffusion_model) -> Dict[str, torch.nn.Module]:
 
 
 def install(patcher, linears: Dict[str, torch.nn.Module], state: LoraState) -> None:
+    import comfy.patcher_extension as ext
+
     for path, module in linears.items():
         patcher.add_object_patch(f"diffusion_model.{path}.forward", LoraForward(module, path, state))
+    patcher.add_wrapper_with_key(ext.WrappersMP.DIFFUSION_MODEL, LORA_KEY, lora_call_scope)
 
 
 def targets(linears: Dict[str, torch.nn.Module], spec: LoraSpec) -> Dict[str, Tuple[int, int]]:

@@ -22,6 +22,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..memory import checkpointed_levels
+from . import comfy_lora
 from .comfy_attention import level_of
 
 HEAVY_LAYERS = ("VideoResBlock", "SpatialVideoTransformer")
@@ -45,8 +46,18 @@ class CheckpointedForward:
     def __call__(self, *args, **kwargs):
         forward = type(self.module).forward
         if self.level in self.switch.levels and torch.is_grad_enabled():
-            return checkpoint(forward, self.module, *args, use_reentrant=False, **kwargs)
+            return checkpoint(recompute_with(forward, comfy_lora.CALL.get()), self.module, *args,
+                              use_reentrant=False, **kwargs)
         return forward(self.module, *args, **kwargs)
+
+
+def recompute_with(forward, lora_call):
+    """`forward` run with this UNet call's LoRA (scale, slot): the recomputation in backward happens after
+    the call's wrapper has reset it, maybe on autograd's thread."""
+    def run(*args, **kwargs):
+        with comfy_lora.lora_call(lora_call):
+            return forward(*args, **kwargs)
+    return run
 
 
 def install_checkpointing(patcher, diffusion_model, switch: Switch) -> None:
@@ -64,7 +75,14 @@ def trainable_now() -> bool:
 
 def replace_inference_tensors(model: torch.nn.Module, swapped: dict) -> int:
     """Swap inference-tensor parameters and buffers of `model` for normal clones, recording the originals
-    in `swapped` (put back by `restore_inference_tensors`); returns how many were swapped now."""
+    in `swapped` (put back by `restore_inference_tensors`); returns how many were swapped now.
+
+    Why it stays (the pack's one write to the shared BaseModel's attributes, through `comfy.utils.set_attr_param`
+    / `set_attr`): autograd cannot save an inference tensor for backward, a loader under inference mode makes
+    every weight one, and ComfyUI has no extension point that hands a forward other weights (object patches
+    replace methods, weight patches are merged into the same inference tensors). Only tensors that are
+    inference tensors are swapped, only while training, and the same objects go back afterwards
+    (tests/host/test_comfy_model_untouched.py)."""
     import comfy.utils
 
     count = 0

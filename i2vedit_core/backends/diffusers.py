@@ -37,6 +37,11 @@ class DiffusersBackend:
         for module in (unet, vae, image_encoder):
             module.eval().requires_grad_(False)
 
+    @property
+    def state_dtype(self) -> torch.dtype:
+        """Latents and conditioning: float32, or float64 for a float64 model (base.state_float)."""
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
+
     @torch.no_grad()
     def encode(self, frames: torch.Tensor, chunk_size: int = 8, generator=None) -> torch.Tensor:
         vae_dtype = self.vae.dtype
@@ -45,11 +50,11 @@ class DiffusersBackend:
                           for chunk in frames.split(chunk_size)]
         mode = torch.cat([p.mode() for p in posteriors])
         if generator is None:
-            return mode.float() * self.latent_scale
+            return mode.to(self.state_dtype) * self.latent_scale
         # One draw for all frames, as a single `.sample(generator)` of the whole batch would make.
         std = torch.cat([p.std for p in posteriors])
         noise = torch.randn(mode.shape, generator=generator, device=generator.device, dtype=mode.dtype)
-        return (mode + std * noise.to(mode.device)).float() * self.latent_scale
+        return (mode + std * noise.to(mode.device)).to(self.state_dtype) * self.latent_scale
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
@@ -72,21 +77,21 @@ class DiffusersBackend:
         std = torch.tensor(CLIP_STD, device=self.device).view(1, 3, 1, 1)
         pixels = ((pixels - mean) / std).to(self.image_encoder.dtype)
         with self._on_device(self.image_encoder) as encoder:
-            return encoder(pixels).image_embeds.float()
+            return encoder(pixels).image_embeds.to(self.state_dtype)
 
     def denoise(self, x: torch.Tensor, sigma: float, cond: Conditioning, attention=None,
                 lora_scale: float = 1.0, lora_slot: str = "clip") -> torch.Tensor:
         if cond.batch_size != x.shape[0]:
             raise ValueError(f"conditioning batch {cond.batch_size} does not match latent batch {x.shape[0]}")
         pre = edm_v_preconditioning(sigma)
-        x = x.to(self.device, torch.float32)
+        x = x.to(self.device, self.state_dtype)
         model_in = torch.cat([x * pre.c_in, cond.image_latents.to(x)], dim=2)
         timestep = torch.tensor(pre.c_noise, dtype=torch.float32, device=self.device)
         with use_attention(self.unet, attention), use_lora_scale(self.unet, lora_scale, lora_slot):
             v = self.unet(model_in.to(self.device, self.dtype), timestep,
                           encoder_hidden_states=cond.image_embeds.to(self.device, self.dtype),
                           added_time_ids=cond.time_ids.to(self.device, self.dtype), return_dict=False)[0]
-        return pre.c_skip * x + pre.c_out * v.float()
+        return pre.c_skip * x + pre.c_out * v.to(x.dtype)
 
     def identity(self) -> str:
         """A short fingerprint of the three models (configs, dtype, weight statistics), for cache keys."""

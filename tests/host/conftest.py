@@ -52,6 +52,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def comfyui_nodes_module_first(comfyui_root):
+    """ComfyUI's `nodes` module, not this pack's `nodes/`, for every host test, also when the core tier runs in the
+    same session: importing bench/ (tests/test_bench.py) puts the repository root first on sys.path, where the
+    pack's `nodes/` would shadow ComfyUI's `nodes.py` for the first `import nodes` after collection."""
+    if comfyui_root is None:
+        yield
+        return
+    if str(comfyui_root) in sys.path:
+        sys.path.remove(str(comfyui_root))
+    sys.path.insert(0, str(comfyui_root))
+    loaded = sys.modules.get("nodes")
+    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve().parent != comfyui_root:
+        del sys.modules["nodes"]
+    yield
+
+
 @pytest.fixture(scope="session")
 def comfyui_root():
     return comfyui_path()

@@ -75,6 +75,39 @@ def test_loaded_lora_matches_diffusers_at_every_scale(comfy_backend, diffusers_l
     assert torch.equal(comfy_backend.denoise(x, 2.0, cond), base)
 
 
+def test_lora_scale_travels_in_the_calls_transformer_options(comfy_backend, x, cond):
+    """Each UNet call carries its own (scale, slot) under LORA_KEY, as the attention pass travels under
+    CONTROLLER_KEY; the Linears see it only during that call, and no backend attribute holds it."""
+    import comfy.patcher_extension as ext
+
+    from i2vedit_core.backends import comfy_lora
+
+    comfy_backend.load_lora(random_lora(comfy_backend, LoraSpec(rank=2)))
+    seen = []
+
+    def spy(executor, *args, **kwargs):  # another pack's DIFFUSION_MODEL wrapper, inside ours or outside it
+        seen.append((args[5].get(comfy_lora.LORA_KEY), comfy_lora.CALL.get()))
+        return executor(*args, **kwargs)
+    comfy_backend.patcher.add_wrapper_with_key(ext.WrappersMP.DIFFUSION_MODEL, "spy", spy)
+    try:
+        half = comfy_backend.denoise(x, 2.0, cond, lora_scale=0.5)
+        comfy_backend.denoise(x, 2.0, cond, lora_scale=0.0, lora_slot="clip0")
+    finally:
+        comfy_backend.patcher.remove_wrappers_with_key(ext.WrappersMP.DIFFUSION_MODEL, "spy")
+    assert [carried for carried, _ in seen] == [(0.5, "clip"), (0.0, "clip0")]
+    assert comfy_lora.CALL.get() == comfy_lora.OUTSIDE_A_CALL  # nothing outlives a call
+    assert not hasattr(comfy_backend.lora, "scale") and not hasattr(comfy_backend.lora, "slot")
+    # The same call driven from outside the backend (as a guider's wrapper does), with options of another MODEL:
+    flat, inputs = comfy_backend._unet_inputs(x, cond)
+    sigmas = torch.full((flat.shape[0],), 2.0)
+    options = {"cond_or_uncond": [0], "sigmas": sigmas, "wrappers": {}}
+    inputs["transformer_options"] = comfy_lora.with_lora(options, 0.5)
+    assert options == {"cond_or_uncond": [0], "sigmas": sigmas, "wrappers": {}}  # the caller's dict is untouched
+    with torch.no_grad():
+        out = comfy_backend.patcher.model.apply_model(flat, sigmas, **inputs)
+    assert relative(out.view_as(x), half) < 1e-6
+
+
 def test_lora_of_another_shape_is_refused_naming_the_file(comfy_backend):
     lora = random_lora(comfy_backend, LoraSpec(rank=2))
     path = next(iter(lora.weights))

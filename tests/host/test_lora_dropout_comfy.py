@@ -42,7 +42,7 @@ def test_comfy_dropout_acts_on_the_branch_output():
 
 
 def test_comfy_clip0_slot_is_a_second_weight_set_chosen_per_call():
-    """Exact skip-interval: clip 0's LoRA beside the clip's own, run while `slot` is "clip0"."""
+    """Exact skip-interval: clip 0's LoRA beside the clip's own, run by calls whose slot is "clip0"."""
     import comfy.ops
 
     torch.manual_seed(1)
@@ -61,7 +61,48 @@ def test_comfy_clip0_slot_is_a_second_weight_set_chosen_per_call():
         base = module(x)
         expected = [base + x @ down.T @ up.T for down, up in (p[PATH] for p in pairs)]
         torch.testing.assert_close(forward(x), expected[1], rtol=1e-5, atol=1e-5)
-        state.slot = "clip0"
-        torch.testing.assert_close(forward(x), expected[0], rtol=1e-5, atol=1e-5)
+        with comfy_lora.lora_call((1.0, "clip0")):
+            torch.testing.assert_close(forward(x), expected[0], rtol=1e-5, atol=1e-5)
+        with comfy_lora.lora_call((0.5, "clip0")):  # the call's scale, absolute
+            torch.testing.assert_close(forward(x), (base + expected[0]) / 2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(forward(x), expected[1], rtol=1e-5, atol=1e-5)  # the slot ended with the call
         state.clear()
-        torch.testing.assert_close(forward(x), base)  # detaching removes both slots
+        with comfy_lora.lora_call((1.0, "clip0")):
+            torch.testing.assert_close(forward(x), base)  # detaching removes both slots
+
+
+def test_checkpointed_recompute_runs_with_the_calls_lora_scale():
+    """Gradient checkpointing recomputes a layer in backward, after the UNet call (and its LoRA scale) has ended:
+    the recomputation must run with that call's scale, or the LoRA's gradients come out for another scale."""
+    import comfy.ops
+
+    from i2vedit_core.backends import comfy_training
+
+    torch.manual_seed(2)
+    # Tanh inside the checkpointed block saves its output, which depends on the scale: recomputed, it must match.
+    block = torch.nn.Sequential(comfy.ops.disable_weight_init.Linear(6, 6, bias=False), torch.nn.Tanh())
+    with torch.no_grad():
+        block[0].weight.normal_()
+    spec = LoraSpec(rank=2, attn1_only=True)
+    state = comfy_lora.LoraState()
+    comfy_lora.attach(state, {PATH: block[0]}, spec, torch.device("cpu"), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        state.up[PATH].normal_()
+    block[0].forward = comfy_lora.LoraForward(block[0], PATH, state)
+    switch = comfy_training.Switch()
+    layer = comfy_training.CheckpointedForward(block, 0, switch)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+
+    def grads(levels):
+        switch.levels = levels
+        for p in state.parameters():
+            p.grad = None
+        with comfy_lora.lora_call((0.5, "clip")):
+            y = layer(x)
+        y.pow(2).sum().backward()  # outside the call, as training's loss.backward() is
+        return [p.grad.clone() for p in state.parameters()]
+
+    plain, recomputed = grads(frozenset()), grads(frozenset({0}))
+    assert all(float(g.abs().max()) > 1e-4 for g in plain)
+    for a, b in zip(plain, recomputed):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)

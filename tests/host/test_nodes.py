@@ -205,8 +205,8 @@ def test_cancel_interrupts_and_leaves_the_model_alone(nodes, parts, clips):
     finally:
         mm.interrupt_current_processing(False)
     assert_unchanged(parts["model"], before)
-    assert not any(loaded.model.model is parts["model"].model and loaded.model is not parts["model"]
-                   for loaded in mm.current_loaded_models)  # the backend's clone was released
+    unet = parts["model"].model  # the backend's clone was released: no patch of it left on the shared modules
+    assert [n for n, m in unet.named_modules() if getattr(m.forward, "__func__", None) is not type(m).forward] == []
 
 
 def _oom(*args, **kwargs):

@@ -4,11 +4,14 @@ ComfyUI's node registry is filled as at start-up (comfy_extras, then custom node
 a test-only loader node that hands out the tiny SVD of conftest. The graph edits a constant-colour
 video with the split nodes (Source Clips -> Invert -> Train -> Save LoRA -> Propagate -> Metrics) and
 also runs the Inversion Sampler inside core SamplerCustomAdvanced, reconstructing with euler.
+The shipped composable workflow (08) runs as the front-end queues it, with the tiny SVD for the checkpoint and
+core ImageInvert standing in for its SD1.5 edit of frame 0 (stock ComfyUI nodes that need a real checkpoint).
 """
 
 import asyncio
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,14 +93,15 @@ def graph():
         "4": {"class_type": "I2VEditSourceClips", "inputs": dict(frames=["2", 0], frames_per_clip=2, overlap=1,
                                                                  working_width=64, working_height=64, fit="pad")},
         "5": {"class_type": "I2VEditInvert", "inputs": dict(parts, clips=["4", 0], steps=2, sarp=True,
-                                                            sarp_scale=0.005, random_seed=1)},
+                                                            sarp_scale=0.005, random_seed=1, memory="auto")},
         "6": {"class_type": "I2VEditTrainMotionLora", "inputs": dict(parts, clips=["4", 0], training_steps=1, rank=2,
-                                                                     learning_rate=5e-4, random_seed=0)},
+                                                                     learning_rate=5e-4, random_seed=0, memory="auto")},
         "7": {"class_type": "I2VEditSaveMotionLora", "inputs": dict(motion_lora=["6", 0], name="graph/motion",
                                                                     overwrite=True)},
         "8": {"class_type": "I2VEditPropagate", "inputs": dict(
             parts, inversion=["5", 0], edited_first_frames=["3", 0], motion_lora=["6", 0], preset="style", beta1=0.8,
-            beta2=0.9, threshold_first=0.35, threshold_last=0.35, min_guidance=1.0, max_guidance=2.5, random_seed=0)},
+            beta2=0.9, threshold_first=0.35, threshold_last=0.35, min_guidance=1.0, max_guidance=2.5, random_seed=0, memory="auto",
+            paste_source=True)},
         "9": {"class_type": "I2VEditMetrics", "inputs": dict(source=["2", 0], output=["8", 0])},
         "10": {"class_type": "PreviewImage", "inputs": dict(images=["8", 1])},
         # The Inversion Sampler inside core SamplerCustomAdvanced, then euler back down.
@@ -117,11 +121,11 @@ def graph():
     }
 
 
-def test_graph_runs_end_to_end(comfy_nodes, monkeypatch):
+def execute(prompt, monkeypatch):
+    """Validate and run `prompt` as a running ComfyUI does; (executor, the stub server that got its messages)."""
     import execution
     import server as comfy_server
 
-    prompt = graph()
     server = StubServer()
     monkeypatch.setattr(comfy_server.PromptServer, "instance", server, raising=False)  # as a running ComfyUI has
 
@@ -130,8 +134,12 @@ def test_graph_runs_end_to_end(comfy_nodes, monkeypatch):
         assert valid[0], valid[1:]
         executor = execution.PromptExecutor(server)
         await executor.execute_async(prompt, "p1", {}, valid[2])
-        return executor, server
-    executor, server = asyncio.run(run())
+        return executor
+    return asyncio.run(run()), server
+
+
+def test_graph_runs_end_to_end(comfy_nodes, monkeypatch):
+    executor, server = execute(graph(), monkeypatch)
     errors = [m for m in executor.status_messages if m[0] == "execution_error"]
     assert executor.success, errors
     outputs = executor.history_result["outputs"]
@@ -172,3 +180,68 @@ def test_inversion_sampler_matches_stock_euler_on_flipped_sigmas(comfy_nodes, co
     assert seen[:3] == pytest.approx([1e-4, 0.002, 0.5])
     with pytest.raises(ValueError, match="FlipSigmas"):
         samplers.inversion_function(model, x, sigmas.flip(0))
+
+
+def write_video(path, frames: torch.Tensor, fps: int = 8):
+    """(T, H, W, 3) in [0, 1] as an mp4 (ComfyUI's LoadVideo reads it back)."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for frame in (frames * 255).round().byte().numpy():
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def composable_prompt(definitions):
+    """08_composable_matched_sampler as queued, on the tiny model at 2 steps and 3 frames of 64x64."""
+    import json
+
+    from workflow_format import api_prompt
+
+    workflow = json.loads((REPO / "example_workflows" / "08_composable_matched_sampler.json").read_text())
+    prompt = api_prompt(workflow, definitions)
+    kinds = {key: node["class_type"] for key, node in prompt.items()}
+    assert kinds["1"] == "ImageOnlyCheckpointLoader" and kinds["27"] == "VAEDecode" and kinds["20"] == "ImageFromBatch"
+    prompt["1"] = {"class_type": "TinySVDLoader", "inputs": {}}
+    for key in ("21", "23", "24", "25", "26"):  # the SD1.5 edit: loader, prompts, conditioning, KSampler
+        assert kinds[key] in ("CheckpointLoaderSimple", "CLIPTextEncode", "InstructPixToPixConditioning", "KSampler")
+        del prompt[key]
+    prompt["27"] = {"class_type": "ImageInvert", "inputs": {"image": ["20", 0]}}  # the edited frame 0
+    prompt["30"]["inputs"].update(frames_per_clip=3, working_width=64, working_height=64)
+    prompt["31"]["inputs"]["steps"] = prompt["62"]["inputs"]["steps"] = 2
+    return prompt
+
+
+def test_composable_workflow_runs(comfy_nodes, comfy_parts, tmp_path, monkeypatch):
+    """Edit frame 0 -> I2VEdit Invert -> LoraLoaderModelOnly -> Edit Conditioning, CFGGuider, KarrasScheduler,
+    DisableNoise and the Matched Sampler in SamplerCustomAdvanced -> VAE Decode -> Save Video."""
+    import av
+    import folder_paths
+    from test_matched_sampler import assert_shared_state_kept, random_lora, shared_state
+    from workflow_format import live_definitions
+
+    from i2vedit_core.lora import save_motion_lora
+
+    (comfy_nodes["loras"] / "i2vedit").mkdir(exist_ok=True)
+    save_motion_lora(random_lora(comfy_parts["model"]), str(comfy_nodes["loras"] / "i2vedit" / "my_video.safetensors"))
+    inputs = tmp_path / "input"
+    inputs.mkdir()
+    frames = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0)).repeat(3, 1, 1, 1)
+    write_video(inputs / "source.mp4", frames.roll(8, dims=2).cumsum(2) % 1)
+    monkeypatch.setattr(folder_paths, "input_directory", str(inputs))
+    before = shared_state(comfy_parts["model"])
+
+    executor, server = execute(composable_prompt(live_definitions(REPO)), monkeypatch)
+    errors = [m for m in executor.status_messages if m[0] == "execution_error"]
+    assert executor.success, errors
+    outputs = executor.history_result["outputs"]
+    saved = outputs["91"]["images"][0]
+    with av.open(str(Path(folder_paths.get_output_directory()) / saved["subfolder"] / saved["filename"])) as video:
+        decoded = [f.to_ndarray(format="rgb24") for f in video.decode(video=0)]
+    assert [f.shape for f in decoded] == [(64, 64, 3)] * 3  # clip 0: 3 frames at the working size
+    assert len(outputs["92"]["images"]) == 1  # the edited frame 0
+    # No entry of ComfyUI's loaded models was removed by us; the shared weights are the same values
+    # (the LoRA's weight patches are merged and unmerged by ComfyUI's own loading).
+    assert_shared_state_kept(comfy_parts["model"], before, same_objects=False)

@@ -3,7 +3,8 @@
 All node types exist, every link type-checks and points back from its input, widget counts are what
 the front-end stores, combo values are among the choices, each workflow has a Note and titled groups,
 names are numbered so that they sort in the template browser, and together they use every node of the
-pack but the SAMPLER nodes (shown in the README instead).
+pack but the Inversion Sampler (shown in the README instead: the Matched Sampler needs I2VEdit Invert's
+stored source trajectory, which a SAMPLER cannot hand over).
 """
 
 import json
@@ -25,8 +26,8 @@ def definitions():
     return live_definitions(REPO)
 
 
-def test_there_are_seven_numbered_workflows():
-    assert [p.stem[:3] for p in WORKFLOWS] == [f"{n:02d}_" for n in range(1, 8)]
+def test_there_are_eight_numbered_workflows():
+    assert [p.stem[:3] for p in WORKFLOWS] == [f"{n:02d}_" for n in range(1, 9)]
     assert all(re.fullmatch(r"\d\d_[a-z0-9_]+", p.stem) for p in WORKFLOWS)
 
 
@@ -82,14 +83,37 @@ def test_checker_catches_mistakes(definitions):
 def test_workflows_cover_the_pack(definitions):
     used = {n["type"] for p in WORKFLOWS for n in json.loads(p.read_text())["nodes"]}
     pack = {name for name in definitions if name.startswith("I2VEdit")}
-    assert pack - used == {"I2VEditInversionSampler", "I2VEditMatchedSampler"}
+    assert pack - used == {"I2VEditInversionSampler"}
+
+
+def test_one_workflow_chains_the_composable_parts(definitions):
+    """An image edit of frame 0, I2VEdit Invert, the motion LoRA through core LoraLoaderModelOnly into both the
+    guider and the Matched Sampler, the sampler in SamplerCustomAdvanced, decoded and saved as a video."""
+    from workflow_format import check_workflow
+
+    workflow = json.loads((REPO / "example_workflows" / "08_composable_matched_sampler.json").read_text())
+    types = {n["id"]: n["type"] for n in workflow["nodes"]}
+    fed = {(types[link[1]], types[link[3]], link[5]) for link in workflow["links"]}
+    assert {("KSampler", "VAEDecode", "LATENT"), ("VAEDecode", "I2VEditEditConditioning", "IMAGE"),
+            ("I2VEditInvert", "I2VEditEditConditioning", "I2VEDIT_INVERSION"),
+            ("I2VEditInvert", "I2VEditMatchedSampler", "I2VEDIT_INVERSION"),
+            ("LoraLoaderModelOnly", "CFGGuider", "MODEL"), ("LoraLoaderModelOnly", "I2VEditMatchedSampler", "MODEL"),
+            ("I2VEditEditConditioning", "CFGGuider", "CONDITIONING"), ("CFGGuider", "SamplerCustomAdvanced", "GUIDER"),
+            ("I2VEditMatchedSampler", "SamplerCustomAdvanced", "SAMPLER"),
+            ("KarrasScheduler", "SamplerCustomAdvanced", "SIGMAS"), ("DisableNoise", "SamplerCustomAdvanced", "NOISE"),
+            ("I2VEditEditConditioning", "SamplerCustomAdvanced", "LATENT"), ("SamplerCustomAdvanced", "VAEDecode", "LATENT"),
+            ("CreateVideo", "SaveVideo", "VIDEO")} <= fed
+    invert = next(n for n in workflow["nodes"] if n["type"] == "I2VEditInvert")
+    karras = next(n for n in workflow["nodes"] if n["type"] == "KarrasScheduler")
+    assert karras["widgets_values"][:3] == [invert["widgets_values"][0], 700.0, 0.002]  # the inversion's schedule
+    assert check_workflow(workflow, definitions) == []
 
 
 def test_pack_registers_every_node(definitions):
     assert {n for n in definitions if n.startswith("I2VEdit")} == {
         "I2VEditSourceClips", "I2VEditInvert", "I2VEditTrainMotionLora", "I2VEditSaveMotionLora",
         "I2VEditLoadMotionLora", "I2VEditPropagate", "I2VEditEditVideo", "I2VEditInversionSampler",
-        "I2VEditMatchedSampler", "I2VEditMetrics"}
+        "I2VEditMatchedSampler", "I2VEditEditConditioning", "I2VEditMetrics"}
 
 
 def test_api_prompt_is_what_the_front_end_queues(definitions):
