@@ -221,12 +221,12 @@ class ComfyBackend:
         """Load the clone through ComfyUI's model management (respects its offloading); no-op if loaded."""
         import comfy.model_management as mm
 
-        ours = [loaded for loaded in mm.current_loaded_models if loaded.model is self.patcher]
-        if self.patched_in() and ours:
-            if self.offload and self.device.type == "cuda" and len(mm.current_loaded_models) > len(ours):
+        loaded = mm.loaded_models()
+        if self.patched_in() and any(m is self.patcher for m in loaded):
+            if self.offload and self.device.type == "cuda" and len(loaded) > 1:
                 # The VAE or CLIP vision came back for a call (training's data, a decode): out again
-                # through ComfyUI's own unloading, the UNet kept.
-                mm.free_memory(mm.get_total_memory(self.device), self.device, keep_loaded=ours)
+                # through ComfyUI's own unloading, the UNet kept (LoadedModel compares by its model).
+                mm.free_memory(mm.get_total_memory(self.device), self.device, keep_loaded=[mm.LoadedModel(self.patcher)])
             return
         memory = 0
         if latent_shape is not None:
