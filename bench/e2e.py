@@ -121,7 +121,6 @@ def run_video(backend, frames: int, hw, settings: PipelineSettings, target_train
     edited[:, hw[0] // 6:hw[0] // 2, hw[1] // 5:hw[1] // 2] = torch.tensor([0.8, 0.2, -0.5]).view(3, 1, 1)
     video = prepare_video(source, settings)
     edits = check_edited_frames(edited[None], video.fit)
-    settings = settings.resolved()
     recorder = LatentRecorder(backend)
     timings = {}
     try:
@@ -142,11 +141,13 @@ def run_video(backend, frames: int, hw, settings: PipelineSettings, target_train
 
 def extrapolate(seconds: float, clip_marks, steps: int, target) -> float:
     """Stage seconds as if every clip ran `target` steps: each clip's time stamps after steps 1..N give
-    its mean per-step time after the first step; one-off costs (data, first step) stay counted once."""
+    its median per-step time after the first step (a compile or recompile in one step is a one-off
+    cost: it stays counted once, as the data preparation and the first step do)."""
     if not target or steps < 2:
         return seconds
     for times in clip_marks:
-        seconds += (target - steps) * (times[-1] - times[0]) / (len(times) - 1)
+        gaps = sorted(b - a for a, b in zip(times, times[1:]))
+        seconds += (target - steps) * gaps[len(gaps) // 2]
     return seconds
 
 
@@ -179,6 +180,7 @@ def _ratio(a, b):
 
 def cap_memory(budget, comfy: bool):
     """Cap this process at `budget` GiB (None: lift the cap); ComfyUI reserves the rest of the card."""
+    gc.collect()
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(1.0 if budget is None else min(1.0, budget * GIB / total))
@@ -224,10 +226,10 @@ def bench_backend(name, modules, args, size, out):
               f"LoRA step {own['train_step'] * 1e3:.0f} ms")
     emit(out, header)
     train_scale = 1.0  # run_video extrapolates training to train_steps itself
-    training = TrainingSettings(steps=args.train_steps)
+    training = TrainingSettings(steps=args.train_steps, compile={"plan": None, "on": True, "off": False}[args.compile])
     inversion = InversionSettings(steps=steps)
     budgets = list(args.budget) if name in (args.budget_backend or args.backend) else []
-    for budget in [None] + budgets:
+    for budget in ([] if args.budgets_only else [None]) + budgets:
         label = f"{name}-{'default' if budget is None else f'{budget:g}GiB'}"
         if cuda:
             cap_memory(budget, name == "comfy")
@@ -235,13 +237,17 @@ def bench_backend(name, modules, args, size, out):
         try:
             rows, mems, latents = run_video(backend, frames, hw, settings, train_steps)
         except torch.cuda.OutOfMemoryError as error:
-            emit(out, f"\n{label}: out of memory under the cap ({str(error).splitlines()[0][:200]})")
+            cause = error.__cause__ or error
+            emit(out, f"\n{label}: {str(error).splitlines()[0][:200]} ({str(cause).splitlines()[0][:400]})")
             records[label] = dict(oom=True)
+            del error
+            gc.collect()  # the traceback's frames hold the failed stage's tensors: free them before the next run
             continue
         finally:
             if cuda:
                 cap_memory(None, name == "comfy")
-        title = (f"{label}: one clip, {frames} frames at {hw[0]}x{hw[1]} ({_device_name()}; training ran "
+        plan = settings.memory.plan(backend.device, getattr(backend, "free_memory", None))
+        title = (f"{label}: one clip, {frames} frames at {hw[0]}x{hw[1]} ({_device_name()}; {plan}; training ran "
                  f"{args.train_steps} steps, extrapolated to {train_steps} by its per-step time)")
         emit(out, "\n" + table(title, rows, mems, eager_floor, own_floor, train_scale))
         records[label] = dict(rows=rows, mems=mems, eager=eager_floor, own=own_floor, per_call=floor, own_per_call=own,
@@ -293,13 +299,17 @@ def main(argv=None):
     parser.add_argument("--backend", nargs="+", choices=("comfy", "diffusers"), default=["comfy", "diffusers"])
     parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI work tree (comfy backend)")
     parser.add_argument("--budget", nargs="*", type=float, default=[], help="GiB caps to run under, e.g. 24 12")
+    parser.add_argument("--budgets-only", action="store_true", help="skip the run at the default memory setting")
     parser.add_argument("--budget-backend", nargs="*", default=None, help="backends the budgets apply to (all)")
     parser.add_argument("--train-steps", type=int, default=None, help="steps timed (scaled to 250 in the table)")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--compile", choices=("plan", "on", "off"), default="plan",
+                        help="torch.compile of the training UNet: as the memory plan says (default), or forced")
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (smoke run)")
     parser.add_argument("--out", default=None, help="folder for e2e.md and e2e.json")
     parser.add_argument("--lever-ab", action="store_true", help="comfy: also run with the LoRA branch upcast to fp32")
     parser.add_argument("--scale", action="store_true", help="comfy: 2-clip video, 25 frames, 768x1344 (scale.py)")
+    parser.add_argument("--no-two-clips", action="store_true", help="--scale: only the peak-memory runs")
     parser.add_argument("--scale-train-steps", type=int, default=5, help="training steps per clip in the 2-clip run")
     args = parser.parse_args(argv)
     size = TINY if args.tiny else FULL

@@ -36,7 +36,8 @@ def scale_runs(backend, records, args, out, emit, run_video, memory_settings, si
             continue
         emit(out, f"| {frames} | {hw[0]}x{hw[1]} | {mems['invert']:.1f} | {mems['train']:.1f} | {mems['edit']:.1f} | "
                   f"{max(mems.values()):.1f} |")
-    two_clips(backend, records, args, out, emit, run_video, memory_settings, size)
+    if not getattr(args, "no_two_clips", False):
+        two_clips(backend, records, args, out, emit, run_video, memory_settings, size)
 
 
 def two_clips(backend, records, args, out, emit, run_video, memory_settings, size):

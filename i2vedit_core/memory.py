@@ -7,7 +7,9 @@ A setting is a tier name, "auto" or a GiB budget; it resolves to a `MemoryPlan` 
                  given number of finest resolution levels);
   decode_chunk   frames per VAE decode call (the SVD decoder mixes the frames of a call, so this is
                  the one tier setting that changes decoded pixels);
-  offload        whether the VAE and CLIP image encoder leave the GPU while the UNet runs.
+  offload        whether the VAE and CLIP image encoder leave the GPU while the UNet runs;
+  compile        whether motion-LoRA training runs the UNet through `torch.compile` (CUDA only: 250
+                 identical fixed-shape steps pay back the compile; docs/PERFORMANCE.md has the numbers).
 "auto" reads the free memory of the device (a CPU device is "fast": it has no VRAM to save).
 """
 
@@ -26,12 +28,13 @@ class MemoryPlan:
     checkpointing: Union[bool, int]  # False: none; int n: the n finest levels; True: every level
     decode_chunk: int
     offload: bool
+    compile: bool = False
 
 
 # Fastest first; each tier lowers the peak further. min_gib: the free memory (or budget) it is picked from.
 PLANS = (
     (MemoryPlan("fast", False, 8, False), 32.0),
-    (MemoryPlan("24gb", 2, 4, False), 18.0),
+    (MemoryPlan("24gb", 3, 4, False), 18.0),  # 2 levels: ComfyUI's fp16 UNet needed > 24 GiB (PERFORMANCE.md)
     (MemoryPlan("12gb", True, 2, True), 0.0),
 )
 TIERS = tuple(plan.tier for plan, _ in PLANS)

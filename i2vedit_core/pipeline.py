@@ -84,9 +84,12 @@ def memory_plan(backend, settings: PipelineSettings) -> MemoryPlan:
 
 
 def with_plan(settings: PipelineSettings, plan: MemoryPlan) -> PipelineSettings:
-    """Settings pinned to one tier ("auto" resolved once per run) with training checkpointing from it."""
-    training = None if settings.training is None else replace(settings.training,
-                                                              gradient_checkpointing=plan.checkpointing)
+    """Settings pinned to one tier ("auto" resolved once per run) with training checkpointing from it, and
+    training's compile switch from it unless the training settings name one."""
+    training = settings.training
+    if training is not None:
+        compile_ = plan.compile if training.compile is None else training.compile
+        training = replace(training, gradient_checkpointing=plan.checkpointing, compile=compile_)
     return replace(settings, memory=MemoryPolicy(plan.tier), training=training)
 
 

@@ -45,8 +45,9 @@ def cached_inversion(backend, frames: torch.Tensor, settings: InversionSettings,
 def cached_lora(backend, frames: torch.Tensor, settings: TrainingSettings, cache: Optional[ArtifactCache],
                 clip0: Optional[Inversion] = None, progress=None, cancel: Optional[Callable[[], bool]] = None) -> MotionLora:
     """Train (or fetch) the motion LoRA of a clip and leave it attached to the backend."""
-    # Checkpointing (the memory policy's) recomputes the same numbers: not part of the key.
-    key = None if cache is None else "lora-" + fingerprint(frames, replace(settings, gradient_checkpointing=False),
+    # Checkpointing and compiling (the memory policy's) compute the same function: not part of the key.
+    keyed = replace(settings, gradient_checkpointing=False, compile=None)
+    key = None if cache is None else "lora-" + fingerprint(frames, keyed,
                                                          model_identity(backend),
                                                          None if clip0 is None else clip0.latents[0])
     entry = cache.get(key) if cache is not None else None

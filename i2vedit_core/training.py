@@ -6,6 +6,7 @@ source frame 0, loss = mean((1 + sigma^2) / sigma^2 * (D(z, sigma) - z0)^2) over
 AdamW on the LoRA only. Everything random comes from one seed.
 """
 
+import contextlib
 import json
 import math
 import time
@@ -42,6 +43,9 @@ class TrainingSettings:
     max_pixels: int = 512 * 896  # larger clips are downscaled to about this area, aspect kept
     mixed_precision: bool = True  # bf16 autocast on CUDA (LoRA weights stay fp32); fp32 on CPU
     gradient_checkpointing: Union[bool, int] = False  # True: every level; n: the n finest (memory.py)
+    # torch.compile of the UNet for the steps: None = the memory plan decides (pipeline), False = off,
+    # True = inductor on CUDA (off on the CPU), or a torch.compile backend name used on any device.
+    compile: Union[None, bool, str] = None
     lora: LoraSpec = field(default_factory=LoraSpec)
     seed: int = 0
 
@@ -59,6 +63,9 @@ class TrainingSettings:
         if not self.max_pixels >= SIZE_MULTIPLE * SIZE_MULTIPLE:
             raise ValueError(f"max_pixels must be at least {SIZE_MULTIPLE * SIZE_MULTIPLE} (one 64x64 frame), "
                              f"got {self.max_pixels}")
+        if not (self.compile is None or isinstance(self.compile, bool) or (isinstance(self.compile, str) and self.compile)):
+            raise ValueError(f"compile must be None (the memory plan decides), True, False or a torch.compile "
+                             f"backend name such as 'inductor', got {self.compile!r}")
         if self.sigma_distribution not in ("cosine_interpolated", "lognormal"):
             raise ValueError(f"sigma_distribution must be 'cosine_interpolated' or 'lognormal', "
                              f"got {self.sigma_distribution!r}")
@@ -182,6 +189,23 @@ def _skip_interval_denoiser(backend, clip0):
     return SkipInterval(backend, KVSource.from_inversion(clip0)).denoise
 
 
+def compile_backend(setting, device: torch.device) -> Optional[str]:
+    """The torch.compile backend training uses, None for eager: True means inductor on CUDA only (on the
+    CPU inductor needs a C++ toolchain and saves nothing worth its compile time)."""
+    if isinstance(setting, str):
+        return setting
+    return "inductor" if setting and device.type == "cuda" else None
+
+
+def compiled_unet(backend, compile_with: Optional[str]):
+    """The backend's UNet compiled with `compile_with` for the block (its optional `compiled` hook; eager
+    without the hook or with None)."""
+    hook = getattr(backend, "compiled", None)
+    if compile_with is None or hook is None:
+        return contextlib.nullcontext()
+    return hook(compile_with)
+
+
 def _run_steps(backend, denoise, z0, cond, settings, generator, progress, cancel):
     optimizer = torch.optim.AdamW(backend.lora_parameters(), lr=settings.learning_rate, betas=settings.betas,
                                   eps=1e-8, weight_decay=settings.weight_decay)
@@ -191,7 +215,8 @@ def _run_steps(backend, denoise, z0, cond, settings, generator, progress, cancel
     # LoRA dropout draws from the global RNG: seed a forked copy so training is reproducible and
     # leaves the caller's RNG state as it was.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-            backend.lora_training(settings.gradient_checkpointing):
+            backend.lora_training(settings.gradient_checkpointing), \
+            compiled_unet(backend, compile_backend(settings.compile, device)):
         torch.manual_seed(settings.seed)
         for step in range(settings.steps):
             if cancel is not None and cancel():

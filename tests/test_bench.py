@@ -44,6 +44,8 @@ def test_training_extrapolates_per_step_time_after_the_first_step():
     assert e2e.extrapolate(50.0, marks, 5, 250) == pytest.approx(50.0 + 245 * 1.0 + 245 * 2.0)
     assert e2e.extrapolate(50.0, marks, 5, None) == 50.0
     assert e2e.extrapolate(50.0, [[1.0]], 1, 250) == 50.0  # one step: nothing to extrapolate from
+    # a recompile in step 2 (30 s) is a one-off cost, not a per-step one: the median gap is the step time
+    assert e2e.extrapolate(50.0, [[10.0, 40.0, 41.0, 42.0, 43.0]], 5, 250) == pytest.approx(50.0 + 245 * 1.0)
 
 
 def test_table_totals_and_both_ratios():

@@ -13,7 +13,7 @@ from i2vedit_core.training import TrainingSettings, train_motion_lora
 def test_tiers_lower_the_peak_step_by_step():
     fast, mid, low = plan_of("fast"), plan_of("24gb"), plan_of("12gb")
     assert (fast.checkpointing, fast.decode_chunk, fast.offload) == (False, 8, False)
-    assert (mid.checkpointing, mid.decode_chunk, mid.offload) == (2, 4, False)
+    assert (mid.checkpointing, mid.decode_chunk, mid.offload) == (3, 4, False)
     assert (low.checkpointing, low.decode_chunk, low.offload) == (True, 2, True)
     assert [next_lower(t) for t in ("fast", "24gb", "12gb")] == ["24gb", "12gb", None]
 

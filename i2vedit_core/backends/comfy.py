@@ -28,7 +28,7 @@ from typing import List, Optional
 import torch
 from kornia.geometry.transform import resize
 
-from . import comfy_attention, comfy_lora, comfy_model_lora, comfy_training
+from . import comfy_attention, comfy_compile, comfy_lora, comfy_model_lora, comfy_training
 from .base import Conditioning
 from .comfy_attention import CONTROLLER_KEY
 
@@ -180,6 +180,10 @@ class ComfyBackend:
         return comfy_training.training_mode(self.lora, self.checkpointing, gradient_checkpointing, levels,
                                             self.patcher.model)
 
+    def compiled(self, backend: str = "inductor"):
+        """The clone's UNet through torch.compile inside (training.compiled_unet; comfy_compile.py)."""
+        return comfy_compile.compiled(self.patcher, backend)
+
     # --- cache identity ----------------------------------------------------------------------
 
     def identity(self) -> str:
@@ -217,7 +221,12 @@ class ComfyBackend:
         """Load the clone through ComfyUI's model management (respects its offloading); no-op if loaded."""
         import comfy.model_management as mm
 
-        if self.patched_in() and any(m is self.patcher for m in mm.loaded_models()):
+        loaded = mm.loaded_models()
+        if self.patched_in() and any(m is self.patcher for m in loaded):
+            if self.offload and self.device.type == "cuda" and len(loaded) > 1:
+                # The VAE or CLIP vision came back for a call (training's data, a decode): out again
+                # through ComfyUI's own unloading, the UNet kept (LoadedModel compares by its model).
+                mm.free_memory(mm.get_total_memory(self.device), self.device, keep_loaded=[mm.LoadedModel(self.patcher)])
             return
         memory = 0
         if latent_shape is not None:

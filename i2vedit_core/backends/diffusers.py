@@ -134,6 +134,16 @@ class DiffusersBackend:
         stack.enter_context(checkpointing(self.unet, gradient_checkpointing))
         return stack
 
+    @contextmanager
+    def compiled(self, backend: str = "inductor"):
+        """The UNet runs through `torch.compile(backend=...)` inside (training.compiled_unet): static shapes,
+        since training repeats one shape and a dynamic-shape graph would be slower."""
+        self.unet.compile(backend=backend, dynamic=False)
+        try:
+            yield
+        finally:
+            self.unet._compiled_call_impl = None  # nn.Module.compile's slot: back to the eager call
+
     # Memory policy hooks (pipeline.memory_plan): free memory for "auto", offloading of VAE and CLIP.
     def free_memory(self) -> int:
         return torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else 0

@@ -44,14 +44,22 @@ def adapter_of(slot: str) -> str:
 
 
 class OutputDropoutLinear(torch.nn.Linear):
-    """The LoRA up-projection with dropout on its output (same parameters and keys as a Linear)."""
+    """A LoRA projection (same parameters and keys as a bias-free Linear) with dropout on its output (the
+    up-projection's; 0 for the down-projection).
 
-    def __init__(self, in_features: int, out_features: int, p: float):
+    It computes in the input's dtype from its fp32 master weight (peft's own input upcast is switched off,
+    `_branch_in_activation_dtype`): the branch then runs in bf16 in a bf16 UNet, as the ComfyUI backend's
+    does, instead of in fp32. `full_precision` restores peft's fp32 branch (docs/PERFORMANCE.md, levers).
+    """
+
+    def __init__(self, in_features: int, out_features: int, p: float = 0.0):
         super().__init__(in_features, out_features, bias=False)
         self.dropout = torch.nn.Dropout(p)
+        self.full_precision = False
 
     def forward(self, x):
-        return self.dropout(super().forward(x))
+        dtype = self.weight.dtype if self.full_precision else x.dtype
+        return self.dropout(torch.nn.functional.linear(x.to(dtype), self.weight.to(dtype)))
 
 
 def attached_spec(unet) -> Optional[LoraSpec]:
@@ -82,8 +90,9 @@ def attach_lora(unet, spec: LoraSpec, generator: Optional[torch.Generator] = Non
     generator = lora_generator(generator)
     with torch.no_grad():
         for layer in lora_layers(unet).values():
-            down = layer.lora_A[ADAPTER]
+            down = layer.lora_A[ADAPTER] = OutputDropoutLinear(layer.in_features, spec.rank).to(layer.weight.device)
             up = layer.lora_B[ADAPTER] = OutputDropoutLinear(spec.rank, layer.out_features, spec.dropout)
+            layer.cast_input_dtype_enabled = False  # the branch casts itself (OutputDropoutLinear)
             layer.train(unet.training)  # peft builds its modules in train mode: dropout would act at inference
             down.float(), up.to(down.weight.device)  # LoRA weights train in fp32 whatever the base dtype
             init = lora_down_init(tuple(down.weight.shape), spec.rank, generator)
@@ -154,9 +163,11 @@ def _load_second(unet, lora: MotionLora, adapter: str) -> None:
     with torch.no_grad():
         for name, layer in lora_layers(unet, adapter).items():
             down, up = lora.pair(_sgm_path(unet, name))
-            for module, weight in ((layer.lora_A[adapter], down), (layer.lora_B[adapter], up)):
-                module.float().requires_grad_(False)
-                module.weight.copy_(weight)
+            for container, weight in ((layer.lora_A, down), (layer.lora_B, up)):
+                if not isinstance(container[adapter], OutputDropoutLinear):  # the branch in the activations' dtype
+                    container[adapter] = OutputDropoutLinear(weight.shape[1], weight.shape[0]).to(layer.weight.device)
+                container[adapter].float().requires_grad_(False)
+                container[adapter].weight.copy_(weight)
 
 
 def _remove_adapter(unet, adapter: str) -> None:
@@ -243,6 +254,14 @@ def lora_training(unet):
     finally:
         for module in dropouts:
             module.eval()
+
+
+def set_full_precision(unet, full_precision: bool) -> None:
+    """The lever's A/B switch: True runs every LoRA branch in fp32 (the activations upcast, as peft does by
+    default), False in the activations' dtype (the default)."""
+    for module in unet.modules():
+        if isinstance(module, OutputDropoutLinear):
+            module.full_precision = bool(full_precision)
 
 
 def _adapter_params(layer) -> List[torch.nn.Parameter]:
