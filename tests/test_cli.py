@@ -204,3 +204,12 @@ def test_cache_entries_are_created_with_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert [(p.name, p.stat().st_mode & 0o777) for p in tmp_path.iterdir()] == [("entry.safetensors", 0o640)]
+
+
+def test_cli_compile_training_flag():
+    """--compile-training asks for the compiled step; without it the memory plan decides (None)."""
+    from i2vedit_core.cli import build_parser, settings_from
+
+    on = settings_from(build_parser().parse_args(["--compile-training"]))
+    assert on.training.compile is True
+    assert settings_from(build_parser().parse_args([])).training.compile is None

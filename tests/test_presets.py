@@ -89,3 +89,4 @@ def test_official_inversion_inputs(backend, clip):
     assert 1e-3 < start_gap  # a posterior sample, not the mode
     lat = official.cond.image_latents[0]
     assert not torch.equal(lat[0], lat[1]) and torch.equal(lat[1], lat[2])  # key at frame 0, first copy after
+
