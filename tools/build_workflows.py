@@ -90,17 +90,22 @@ INPAINT = dict(
              [stage("Propagate the edit", [edit_video((27, 0), mask=(22, 0))])],
              [result_stage((10, 0), (27, 0), "edited frame 0")]])
 
+def instruct_edit():
+    """Frame 0 edited by InstructPix2Pix (SD1.5) with a 'make it winter' instruction."""
+    return sd_edit("instruct-pix2pix.safetensors", "make it winter", "",
+                   dict(id=25, type="InstructPixToPixConditioning",
+                        i=dict(positive=(23, 0), negative=(24, 0), vae=(21, 2), pixels=(20, 0))),
+                   (dict(model=(21, 0), positive=(25, 0), negative=(25, 1), latent_image=(25, 2)),
+                    dict(steps=20, cfg=7.5)))
+
+
 INSTRUCT = dict(
     note=note("Instruct-style edit of frame 0 (InstructPix2Pix, SD1.5), then propagate.\n\nChange first:\n1) the "
               "instruction text ('make it winter'),\n2) the InstructPix2Pix checkpoint,\n3) the SVD checkpoint and the "
               "video.\n\nCheck the edited frame 0 preview before spending time on the video. On a big GPU, "
               "07_qwen_image_edit follows instructions far better."),
     columns=[[svd_stage(), video_stage()],
-             [sd_edit("instruct-pix2pix.safetensors", "make it winter", "",
-                      dict(id=25, type="InstructPixToPixConditioning",
-                           i=dict(positive=(23, 0), negative=(24, 0), vae=(21, 2), pixels=(20, 0))),
-                      (dict(model=(21, 0), positive=(25, 0), negative=(25, 1), latent_image=(25, 2)),
-                       dict(steps=20, cfg=7.5)))],
+             [instruct_edit()],
              [stage("Propagate the edit", [edit_video((27, 0))])],
              [result_stage((10, 0), (27, 0), "edited frame 0")]])
 
@@ -198,11 +203,7 @@ COMPOSABLE = dict(
               "keeps the inversion's steps, sigma 700 to 0.002; the guider's cfg is replaced by the Matched "
               "Sampler's min/max guidance. Connect a MASK to the sampler to keep the source outside it."),
     columns=[[svd_stage(), video_stage()],
-             [sd_edit("instruct-pix2pix.safetensors", "make it winter", "",
-                      dict(id=25, type="InstructPixToPixConditioning",
-                           i=dict(positive=(23, 0), negative=(24, 0), vae=(21, 2), pixels=(20, 0))),
-                      (dict(model=(21, 0), positive=(25, 0), negative=(25, 1), latent_image=(25, 2)),
-                       dict(steps=20, cfg=7.5)))],
+             [instruct_edit()],
              [stage("Clips and inversion", [dict(id=30, type="I2VEditSourceClips", i=dict(frames=(3, 0)),
                                                  w=dict(frames_per_clip=14)),
                                             dict(id=31, type="I2VEditInvert", i=dict(MODELS, clips=(30, 0)))]),
