@@ -2,7 +2,8 @@
 
 Everything in i2vedit_core outside `backends/` talks to SVD only through `SVDBackend`.
 Latent convention: (B, F, 4, h, w) float32, scaled by the VAE factor, as the UNet sees them (float64
-when the model runs in float64: the parity harness compares float64 runs; see `state_float`).
+when a diffusers model runs in float64: the parity harness compares float64 runs; see `state_float`.
+ComfyUI's backend always hands back float32).
 """
 
 from dataclasses import dataclass, replace

@@ -64,6 +64,7 @@ class ComfyBackend:
         self.latent_format = self.patcher.get_model_object("latent_format")
         self.latent_scale = float(self.latent_format.scale_factor)
         self.offload = False
+        self._keep_loaded = None
         if self.model_lora is not None:
             self.load_lora(self.model_lora)
 
@@ -217,16 +218,24 @@ class ComfyBackend:
         and CLIP vision come back on their next call). Without it ComfyUI still offloads under pressure."""
         self.offload = bool(offload)
 
+    def _others_on_device(self, loaded) -> bool:
+        """Another live model on this device (free_memory would unload it); collected or CPU ones do not count,
+        so the 12gb tier does not call free_memory on every UNet call for nothing."""
+        return any(m is not None and m is not self.patcher and torch.device(m.load_device) == self.device
+                   for m in loaded)
+
     def load(self, latent_shape: Optional[torch.Size] = None) -> None:
         """Load the clone through ComfyUI's model management (respects its offloading); no-op if loaded."""
         import comfy.model_management as mm
 
         loaded = mm.loaded_models()
         if self.patched_in() and any(m is self.patcher for m in loaded):
-            if self.offload and self.device.type == "cuda" and len(loaded) > 1:
+            if self.offload and self.device.type == "cuda" and self._others_on_device(loaded):
                 # The VAE or CLIP vision came back for a call (training's data, a decode): out again
                 # through ComfyUI's own unloading, the UNet kept (LoadedModel compares by its model).
-                mm.free_memory(mm.get_total_memory(self.device), self.device, keep_loaded=[mm.LoadedModel(self.patcher)])
+                if self._keep_loaded is None:  # once: each LoadedModel registers a finalizer on the patcher
+                    self._keep_loaded = mm.LoadedModel(self.patcher)
+                mm.free_memory(mm.get_total_memory(self.device), self.device, keep_loaded=[self._keep_loaded])
             return
         memory = 0
         if latent_shape is not None:

@@ -138,11 +138,12 @@ class DiffusersBackend:
     def compiled(self, backend: str = "inductor"):
         """The UNet runs through `torch.compile(backend=...)` inside (training.compiled_unet): static shapes,
         since training repeats one shape and a dynamic-shape graph would be slower."""
+        previous = self.unet._compiled_call_impl  # nn.Module.compile's slot: a caller's own compile is kept
         self.unet.compile(backend=backend, dynamic=False)
         try:
             yield
         finally:
-            self.unet._compiled_call_impl = None  # nn.Module.compile's slot: back to the eager call
+            self.unet._compiled_call_impl = previous
 
     # Memory policy hooks (pipeline.memory_plan): free memory for "auto", offloading of VAE and CLIP.
     def free_memory(self) -> int:

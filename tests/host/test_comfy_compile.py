@@ -3,27 +3,35 @@ and offloading the VAE and CLIP vision through ComfyUI's model management while 
 
 import dataclasses
 
+import pytest
 import torch
 
 from i2vedit_core.tiny import synthetic_clip
 from i2vedit_core.training import TrainingSettings, train_motion_lora
 
 
-def test_compiled_training_is_one_graph_through_comfys_wrapper(comfy_backend, comfy_parts):
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_compiled_training_through_comfys_wrapper_equals_eager(comfy_backend, comfy_parts, checkpointing):
     from comfy_api.torch_helpers.torch_compile import COMPILE_KEY
     from torch._dynamo.utils import counters
 
     frames = synthetic_clip(num_frames=3, height=64, width=64, seed=4)
-    settings = TrainingSettings(steps=2, learning_rate=1e-2, seed=3)
+    settings = TrainingSettings(steps=2, learning_rate=1e-2, seed=3, gradient_checkpointing=checkpointing)
     plain = train_motion_lora(comfy_backend, frames, settings)
     seen = []
     original = comfy_backend.compiled
     comfy_backend.compiled = lambda name: (seen.append(comfy_backend.patcher.wrappers), original(name))[1]
     counters.clear()
     compiled = train_motion_lora(comfy_backend, frames, dataclasses.replace(settings, compile="eager"))
-    # One graph of the UNet with the LoRA and checkpointing object patches in it. The only break is at the
-    # DIFFUSION_MODEL wrapper that sets the call's LoRA scale (a ContextVar; dynamo runs that frame eagerly).
-    assert counters["stats"]["unique_graphs"] == 1
+    # Without checkpointing: one graph of the UNet with the LoRA and checkpointing object patches in it. The only
+    # break is at the DIFFUSION_MODEL wrapper that sets the call's LoRA scale (a ContextVar; that frame runs eagerly).
+    if checkpointing:
+        # Checkpointed layers set the call's LoRA scale for their recomputation (a ContextVar), where dynamo
+        # splits the UNet into several graphs (14 on the tiny model); still the eager step's numbers.
+        # docs/PERFORMANCE.md: compile with checkpointing is not measured on the GPU.
+        assert counters["stats"]["unique_graphs"] > 1
+    else:
+        assert counters["stats"]["unique_graphs"] == 1
     assert all("ContextVar" in reason for reason in counters["graph_break"])
     assert compiled.losses == plain.losses
     assert all(torch.equal(v, plain.lora.weights[k]) for k, v in compiled.lora.weights.items())
@@ -44,7 +52,12 @@ def test_offload_unloads_vae_and_clip_while_keeping_the_unet(comfy_backend, comf
     assert calls == []  # offloading off: ComfyUI keeps what fits
     comfy_backend.offload, comfy_backend.device = True, torch.device("cuda")  # the branch runs on a GPU only
     comfy_backend.load()
-    assert len(calls) == 1 and [m.model for m in calls[0]] == [comfy_backend.patcher]
+    assert calls == []  # CLIP's load device is the CPU here: nothing on the GPU to unload
+    monkeypatch.setattr(comfy_parts["clip_vision"].patcher, "load_device", torch.device("cuda"))
+    comfy_backend.load()
+    comfy_backend.load()  # CLIP still there (free_memory is mocked): asked again, with the same keep entry
+    assert len(calls) == 2 and [m.model for m in calls[0]] == [comfy_backend.patcher]
+    assert calls[1][0] is calls[0][0]  # one LoadedModel per backend, not one (and a finalizer) per UNet call
     assert calls[0][0] in mm.current_loaded_models  # ComfyUI's free_memory matches it to the UNet's entry
 
 

@@ -53,7 +53,8 @@ def assert_unchanged(model, before):
     assert dict(model.object_patches) == object_patches and {k: list(v) for k, v in model.patches.items()} == patches
     now = dict(model.model.named_parameters())
     assert all(now[n] is p and p.is_inference() == inference for n, (p, inference) in params.items())
-    # An entry whose model was garbage-collected meanwhile is ComfyUI's own clean-up (cleanup_models_gc), not ours.
+    # An entry whose model was garbage-collected meanwhile is ComfyUI's own clean-up (cleanup_models, run by the
+    # finalizer on the collected model), not ours.
     assert all(any(m is entry for m in mm.current_loaded_models) for entry in others if entry.model is not None)
 
 
