@@ -105,6 +105,13 @@ def graph():
             paste_source=True)},
         "9": {"class_type": "I2VEditMetrics", "inputs": dict(source=["2", 0], output=["8", 0])},
         "10": {"class_type": "PreviewImage", "inputs": dict(images=["8", 1])},
+        "11": {"class_type": "I2VEditEditVideo", "inputs": dict(
+            parts, frames=["2", 0], edited_first_frame=["3", 0], frames_per_clip=2, overlap=1, working_width=64,
+            working_height=64, fit="pad", steps=2, sarp=True, sarp_scale=0.005, numerics="official",
+            train_motion_lora=False, training_steps=1, rank=2, learning_rate=5e-4, preset="local", beta1=0.5,
+            beta2=0.8, threshold_first=0.35, threshold_last=0.35, min_guidance=1.0, max_guidance=2.5, memory="auto",
+            random_seed=0, paste_source=True)},
+        "12": {"class_type": "PreviewImage", "inputs": dict(images=["11", 0])},
         # The Inversion Sampler inside core SamplerCustomAdvanced, then euler back down.
         "20": {"class_type": "SVD_img2vid_Conditioning", "inputs": dict(
             clip_vision=clip_vision, init_image=["3", 0], vae=vae, width=64, height=64, video_frames=2,
@@ -144,7 +151,8 @@ def test_graph_runs_end_to_end(comfy_nodes, monkeypatch):
     errors = [m for m in executor.status_messages if m[0] == "execution_error"]
     assert executor.success, errors
     outputs = executor.history_result["outputs"]
-    assert set(outputs) >= {"7", "9", "10", "28"}
+    assert set(outputs) >= {"7", "9", "10", "12", "28"}
+    assert len(outputs["12"]["images"]) == 3  # Edit Video (official numerics, no LoRA): the video's 3 frames
     saved = outputs["7"]["text"][0].split("\n")
     assert saved == ["graph/motion_clip01of02.safetensors", "graph/motion_clip02of02.safetensors"]
     assert all((comfy_nodes["loras"] / name).is_file() for name in saved)
