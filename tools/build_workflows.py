@@ -90,6 +90,7 @@ INPAINT = dict(
              [stage("Propagate the edit", [edit_video((27, 0), mask=(22, 0))])],
              [result_stage((10, 0), (27, 0), "edited frame 0")]])
 
+
 def instruct_edit():
     """Frame 0 edited by InstructPix2Pix (SD1.5) with a 'make it winter' instruction."""
     return sd_edit("instruct-pix2pix.safetensors", "make it winter", "",

@@ -21,12 +21,14 @@ CLIP = dict(hidden_size=64, intermediate_size=128, projection_dim=CONTEXT, num_h
 VAE_WIDTH = 32
 
 
-def _jitter(module: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.nn.Module:
-    """Perturb every parameter so no zero-initialised layer hides a mapping error."""
+def _jitter(module: torch.nn.Module, seed: int, scale: float = 0.02, replace: bool = False) -> torch.nn.Module:
+    """Seeded N(0, scale^2) added to every parameter, so no zero-initialised layer hides a mapping error.
+    replace: the draw becomes the parameter (ComfyUI's ops skip weight init: torch.empty)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen))
+            noise = scale * torch.randn(p.shape, generator=gen)
+            p.copy_(noise) if replace else p.add_(noise)
     return module.eval().requires_grad_(False)
 
 
@@ -146,15 +148,6 @@ def comfy_clip_vision(clip, folder: Path):
     return out
 
 
-def _fill(module: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.nn.Module:
-    """Seeded N(0, scale^2) in every parameter: ComfyUI's ops skip weight init (torch.empty)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(scale * torch.randn(p.shape, generator=gen))
-    return module.eval().requires_grad_(False)
-
-
 def comfy_parts_without_diffusers(folder: Path) -> dict:
     """MODEL, CLIP_VISION and VAE from ComfyUI's classes alone, seeded random weights: for an environment
     without diffusers/transformers' CLIP (the pack must run there; test_host_install blocks them)."""
@@ -167,16 +160,16 @@ def comfy_parts_without_diffusers(folder: Path) -> dict:
     conf.unet_config["num_head_channels"] = HEAD_DIM
     conf.set_inference_dtype(torch.float32, None)
     unet = conf.get_model({}, device=torch.device("cpu"))
-    _fill(unet.diffusion_model, 0)
+    _jitter(unet.diffusion_model, 0, replace=True)
     model = comfy.model_patcher.ModelPatcher(unet.eval().requires_grad_(False), load_device=torch.device("cpu"),
                                              offload_device=torch.device("cpu"))
     with _shrunk_video_vae():  # the key ComfyUI detects SVD's video VAE by; every weight is filled below
         vae = comfy.sd.VAE(sd={"decoder.mid.block_1.mix_factor": torch.zeros(1)}, dtype=torch.float32)
-    _fill(vae.first_stage_model, 1)
+    _jitter(vae.first_stage_model, 1, replace=True)
     config = json.loads((Path(comfy.clip_vision.__file__).parent / "clip_vision_config_h.json").read_text())
     config.update(CLIP)
     path = folder / "clip_vision_tiny.json"
     path.write_text(json.dumps(config))
     clip_vision = comfy.clip_vision.ClipVisionModel(str(path))
-    _fill(clip_vision.model.to(torch.float32), 2)
+    _jitter(clip_vision.model.to(torch.float32), 2, replace=True)
     return dict(model=model, clip_vision=clip_vision, vae=vae)
