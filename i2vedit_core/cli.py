@@ -84,9 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--memory", default="auto",
       help="memory policy: auto (from the GPU's free memory), fast, 24gb, 12gb, or a GiB budget such as 16; lower "
            "settings checkpoint more of training, decode fewer frames at a time and offload the VAE and CLIP")
-    a("--compile-training", action="store_true",
-      help="torch.compile the UNet for motion-LoRA training (CUDA only): about 4 minutes of compiling once per "
-           "process, then each training step about a third faster; pays off for videos of several clips")
+    a("--compile-training", action=argparse.BooleanOptionalAction, default=None,
+      help="torch.compile the UNet's layers for motion-LoRA training (CUDA with Triton only; default: the memory "
+           "setting decides): a one-off compile per process, then each training step about a third faster "
+           "(docs/PERFORMANCE.md)")
     a("--cache", help="folder caching inversions and motion LoRAs: a second edit of the same video skips both")
     a("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
       help="model precision; auto = fp32 on CPU (fp16 is about 2x slower there), fp16 on CUDA")
@@ -239,7 +240,7 @@ def settings_from(args, tiny: bool = False):
     from .training import TrainingSettings
 
     temporal = TemporalSelector(*args.beta) if args.beta else TemporalSelector.preset(args.preset)
-    training = (TrainingSettings(steps=args.train_steps, seed=args.seed, compile=True if args.compile_training else None)
+    training = (TrainingSettings(steps=args.train_steps, seed=args.seed, compile=args.compile_training)
                 if args.train_steps > 0 else None)
     if tiny and training is not None:
         training = dataclasses.replace(training, max_pixels=64 * 64)

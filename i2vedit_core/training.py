@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, List, Optional, Tuple, Union
 
@@ -190,11 +191,20 @@ def _skip_interval_denoiser(backend, clip0):
 
 
 def compile_backend(setting, device: torch.device) -> Optional[str]:
-    """The torch.compile backend training uses, None for eager: True means inductor on CUDA only (on the
-    CPU inductor needs a C++ toolchain and saves nothing worth its compile time)."""
+    """The torch.compile backend training uses, None for eager: True means inductor on CUDA with Triton
+    (on the CPU inductor needs a C++ toolchain and saves nothing worth its compile time; without Triton,
+    e.g. many Windows installs, it cannot build GPU kernels)."""
     if isinstance(setting, str):
         return setting
-    return "inductor" if setting and device.type == "cuda" else None
+    return "inductor" if setting and device.type == "cuda" and _has_triton() else None
+
+
+def _has_triton() -> bool:
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:
+        return False
+    return bool(has_triton())
 
 
 def compiled_unet(backend, compile_with: Optional[str]):
@@ -215,16 +225,47 @@ def _run_steps(backend, denoise, z0, cond, settings, generator, progress, cancel
     # LoRA dropout draws from the global RNG: seed a forked copy so training is reproducible and
     # leaves the caller's RNG state as it was.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-            backend.lora_training(settings.gradient_checkpointing), \
-            compiled_unet(backend, compile_backend(settings.compile, device)):
+            backend.lora_training(settings.gradient_checkpointing), contextlib.ExitStack() as compiling:
+        compile_with = compile_backend(settings.compile, device)
+        compiling.enter_context(compiled_unet(backend, compile_with))
         torch.manual_seed(settings.seed)
         for step in range(settings.steps):
             if cancel is not None and cancel():
                 raise TrainingCancelled(f"motion LoRA training cancelled at step {step} of {settings.steps}")
-            sigma = sample_sigma(settings, generator)
-            loss = training_step(denoise, optimizer, z0, cond, sigma, settings, generator)
+            if step == 0 and compile_with is not None:
+                sigma, loss = _first_step_or_eager(compiling, compile_with, denoise, optimizer, z0, cond, settings,
+                                                   generator, device)
+            else:
+                sigma = sample_sigma(settings, generator)
+                loss = training_step(denoise, optimizer, z0, cond, sigma, settings, generator)
             losses.append(loss)
             sigmas.append(sigma)
             if progress is not None:
                 progress({"step": step, "steps": settings.steps, "loss": loss, "sigma": sigma})
     return losses, sigmas, time.perf_counter() - start
+
+
+def _first_step_or_eager(compiling, compile_with, denoise, optimizer, z0, cond, settings, generator, device):
+    """The first step, where torch.compile builds its graphs. If the compiler fails (no working Triton or
+    C++ toolchain, an unsupported op), training goes on eagerly from the same random state, with a warning:
+    compiling is a speed-up, never a reason to lose the run."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    state = (generator.get_state(), torch.get_rng_state(),
+             torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    sigma = sample_sigma(settings, generator)
+    try:
+        return sigma, training_step(denoise, optimizer, z0, cond, sigma, settings, generator)
+    except BackendCompilerFailed as error:
+        cause = getattr(error, "inner_exception", None) or error
+        warnings.warn(f"torch.compile ({compile_with}) failed, so motion-LoRA training runs eagerly (slower, "
+                      f"same result): {type(cause).__name__}: {str(cause).splitlines()[0][:300]}. Turn compiling off to skip the attempt "
+                      f"(TrainingSettings(compile=False), the CLI's --no-compile-training).", stacklevel=3)
+    optimizer.zero_grad(set_to_none=True)
+    compiling.close()
+    generator.set_state(state[0])
+    torch.set_rng_state(state[1])
+    if state[2] is not None:
+        torch.cuda.set_rng_state(state[2], device)
+    sigma = sample_sigma(settings, generator)
+    return sigma, training_step(denoise, optimizer, z0, cond, sigma, settings, generator)

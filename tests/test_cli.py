@@ -207,9 +207,11 @@ def test_cache_entries_are_created_with_the_umask(tmp_path):
 
 
 def test_cli_compile_training_flag():
-    """--compile-training asks for the compiled step; without it the memory plan decides (None)."""
+    """--compile-training asks for the compiled step, --no-compile-training for the eager one; without
+    either the memory plan decides (None)."""
     from i2vedit_core.cli import build_parser, settings_from
 
     on = settings_from(build_parser().parse_args(["--compile-training"]))
     assert on.training.compile is True
+    assert settings_from(build_parser().parse_args(["--no-compile-training"])).training.compile is False
     assert settings_from(build_parser().parse_args([])).training.compile is None
