@@ -3,8 +3,7 @@
     python bench/compile_step.py --backend diffusers comfy --comfyui /path/to/ComfyUI
 
 Per backend, at 14 frames and 512x896 (training's size), through the core's own `training_step` and
-`compiled_unet` (what `train_motion_lora` runs), for each compile `--scope` ("layers": the heavy layers'
-classes, the default; "unet": the whole UNet) and each `--checkpointing` setting (0: the fast tier, 3: the
+`compiled_unet` (what `train_motion_lora` runs: the heavy layers compiled per class), for each `--checkpointing` setting (0: the fast tier, 3: the
 24gb tier, all: the 12gb tier): the eager step; the first compiled step (compile cost) and the steady
 compiled step; the first step after a fresh adapter is attached (a later clip: what the compile caches
 save); and the largest difference of losses and LoRA weights eager vs compiled from the same init and
@@ -45,17 +44,15 @@ def inputs(backend, frames, hw, context, batch=1):
     return torch.randn(shape, device=device), cond
 
 
-def run_steps(backend, z0, cond, steps, settings, compile_with, checkpointing=False, seed=0, spec=LoraSpec(),
-              compiled_with=None):
-    """Fresh adapter, `steps` training steps; returns (per-step seconds, losses, LoRA weights, peak GiB).
-    compiled_with: the backend's compile hook with the scope under test (default: the backend's own)."""
+def run_steps(backend, z0, cond, steps, settings, compile_with, checkpointing=False, seed=0, spec=LoraSpec()):
+    """Fresh adapter, `steps` training steps; returns (per-step seconds, losses, LoRA weights, peak GiB)."""
     backend.attach_lora(spec, torch.Generator().manual_seed(seed))
     optimizer = torch.optim.AdamW(backend.lora_parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     times, losses = [], []
     torch.cuda.reset_peak_memory_stats()
     with torch.random.fork_rng(devices=[backend.device]), backend.lora_training(checkpointing), \
-            (compiled_with(compile_with) if compiled_with and compile_with else compiled_unet(backend, compile_with)):
+            compiled_unet(backend, compile_with):
         torch.manual_seed(seed)
         for step in range(steps):
             floors.sync()
@@ -82,24 +79,21 @@ def bench(name, backend, args, emit):
         if not args.compiled_only:
             eager_t, la, wa, peak = run_steps(backend, z0, cond, n, settings, None, checkpointing, 3, spec)
             emit(f"{name} {tier}: eager step {median(eager_t[2:]) * 1e3:.0f} ms (peak {peak:.1f} GiB)")
-        for scope in args.scope:
-            label = f"{name} {tier} scope={scope}{' (warm cache)' if args.compiled_only else ''}"
-            compiled_with = (lambda backend_name: backend.compiled(backend_name, scope=scope))
-            try:
-                start = time.perf_counter()
-                t, lb, wb, peak = run_steps(backend, z0, cond, n, settings, "inductor", checkpointing, 3, spec,
-                                            compiled_with)
-                emit(f"{label}: compiled first step {t[0]:.1f} s, second {t[1]:.2f} s, steady "
-                     f"{median(t[2:]) * 1e3:.0f} ms (peak {peak:.1f} GiB; {time.perf_counter() - start:.0f} s for {n} steps)")
-                if not args.compiled_only:
-                    diff = max(float((a - b).abs().max()) for a, b in zip(wa, wb))
-                    scale = max(float(a.abs().max()) for a in wa)
-                    emit(f"{label}: after {n} steps eager vs compiled: losses {[round(x, 4) for x in la]} vs "
-                         f"{[round(x, 4) for x in lb]}; max |LoRA weight diff| {diff:.3g} (weights up to {scale:.3g})")
-                t, _, _, _ = run_steps(backend, z0, cond, 3, settings, "inductor", checkpointing, 1, spec, compiled_with)
-                emit(f"{label}: fresh adapter (a later clip) compiled first step {t[0]:.2f} s, then {t[-1] * 1e3:.0f} ms")
-            except Exception as error:  # a failing compile is a result too
-                emit(f"{label}: compile FAILED: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
+        label = f"{name} {tier}{' (warm cache)' if args.compiled_only else ''}"
+        try:
+            start = time.perf_counter()
+            t, lb, wb, peak = run_steps(backend, z0, cond, n, settings, "inductor", checkpointing, 3, spec)
+            emit(f"{label}: compiled first step {t[0]:.1f} s, second {t[1]:.2f} s, steady "
+                 f"{median(t[2:]) * 1e3:.0f} ms (peak {peak:.1f} GiB; {time.perf_counter() - start:.0f} s for {n} steps)")
+            if not args.compiled_only:
+                diff = max(float((a - b).abs().max()) for a, b in zip(wa, wb))
+                scale = max(float(a.abs().max()) for a in wa)
+                emit(f"{label}: after {n} steps eager vs compiled: losses {[round(x, 4) for x in la]} vs "
+                     f"{[round(x, 4) for x in lb]}; max |LoRA weight diff| {diff:.3g} (weights up to {scale:.3g})")
+            t, _, _, _ = run_steps(backend, z0, cond, 3, settings, "inductor", checkpointing, 1, spec)
+            emit(f"{label}: fresh adapter (a later clip) compiled first step {t[0]:.2f} s, then {t[-1] * 1e3:.0f} ms")
+        except Exception as error:  # a failing compile is a result too
+            emit(f"{label}: compile FAILED: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
     if name == "diffusers" and args.dtype_lever:
         dtype_lever(backend, z0, cond, settings, hw, frames, context, emit)
 
@@ -140,7 +134,6 @@ def main():
     parser.add_argument("--backend", nargs="+", choices=("comfy", "diffusers"), default=["diffusers", "comfy"])
     parser.add_argument("--comfyui", default=None)
     parser.add_argument("--steps", type=int, default=6, help="steady steps timed")
-    parser.add_argument("--scope", nargs="+", choices=("layers", "unet"), default=["layers"])
     parser.add_argument("--checkpointing", nargs="+", choices=("0", "3", "all"), default=["0"],
                         help="levels recomputed in backward: 0 (fast tier), 3 (24gb), all (12gb)")
     parser.add_argument("--warm", action="store_true",

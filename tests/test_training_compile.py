@@ -2,7 +2,7 @@
 
 The GPU path compiles with inductor (docs/PERFORMANCE.md has its measured cost and saving); here the
 same wiring runs with dynamo's "eager" backend: the heavy layers are captured one graph per distinct
-shape (the whole UNet as one graph with scope "unet"), with no graph break, and give the eager numbers.
+shape, with no graph break, and give the eager numbers.
 """
 
 import dataclasses
@@ -64,8 +64,8 @@ def heavy_layer_signatures(backend, run) -> set:
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
 def test_regional_compile_shares_graphs_and_equals_eager(checkpointing):
-    """scope "layers" (the default): one graph per distinct heavy-layer shape, shared by equal layers, no
-    graph break, checkpointing wrapped around the compiled layers; the eager step's numbers bit for bit."""
+    """One graph per distinct heavy-layer shape, shared by equal layers, no graph break, checkpointing
+    wrapped around the compiled layers; the eager step's numbers bit for bit."""
     from torch._dynamo.utils import counters
 
     frames = synthetic_clip(num_frames=2, height=64, width=64, seed=4)
@@ -105,25 +105,6 @@ def test_a_failing_compiler_falls_back_to_eager_with_the_same_numbers():
     assert result.losses == plain.losses and result.sigmas == plain.sigmas
     assert all(torch.equal(v, plain.lora.weights[k]) for k, v in result.lora.weights.items())
     assert backend.layers.compiled == {}
-
-
-def test_whole_unet_compile_is_one_graph_and_equals_eager():
-    """scope "unet" (the A/B in bench/compile_step.py): the whole UNet traced as one graph."""
-    from torch._dynamo.utils import counters
-
-    frames = synthetic_clip(num_frames=2, height=64, width=64, seed=4)
-    settings = TrainingSettings(steps=2, learning_rate=1e-2, seed=3)
-    plain = train_motion_lora(tiny_backend(seed=0), frames, settings)
-    backend = tiny_backend(seed=0)
-    original = backend.compiled
-    backend.compiled = lambda name: original(name, scope="unet")
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = train_motion_lora(backend, frames, dataclasses.replace(settings, compile="eager"))
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]  # traced, whole
-    assert backend.unet._compiled_call_impl is None  # eager again after training
-    assert compiled.losses == plain.losses
-    assert all(torch.equal(v, plain.lora.weights[k]) for k, v in compiled.lora.weights.items())
 
 
 def test_diffusers_lora_branch_runs_in_the_activation_dtype():

@@ -53,7 +53,8 @@ class ComfyBackend:
         self.attn1 = comfy_attention.attn1_modules(unet)
         if len(self.attn1) != 32:
             raise ValueError(NOT_SVD_MODEL.format(found=f"{len(self.attn1)} self-attention layers, SVD has 32"))
-        self.lora, self.layers = comfy_lora.LoraState(), comfy_training.Switch()
+        self.lora = comfy_lora.LoraState()
+        self.layers = comfy_training.Switch(self.lora)
         self.linears = comfy_lora.adaptable_linears(unet)
         self.model_lora = comfy_model_lora.take_motion_lora(self.patcher, self.linears) if lora_from_model else None
         self._incoming_patches = (bool(self.patcher.patches), str(self.patcher.patches_uuid))
@@ -181,9 +182,9 @@ class ComfyBackend:
         return comfy_training.training_mode(self.lora, self.layers, gradient_checkpointing, levels,
                                             self.patcher.model)
 
-    def compiled(self, backend: str = "inductor", scope: str = "layers"):
-        """The clone's UNet through torch.compile inside (training.compiled_unet; comfy_compile.py)."""
-        return comfy_compile.compiled(self.patcher, self.layers, backend, scope)
+    def compiled(self, backend: str = "inductor"):
+        """The clone's heavy layers through torch.compile inside (training.compiled_unet; comfy_compile.py)."""
+        return comfy_compile.compiled(self.patcher, self.layers, backend)
 
     # --- cache identity ----------------------------------------------------------------------
 

@@ -9,9 +9,12 @@ and the diffusers backend do), reading the adapter from the backend's `LoraState
   a full weight copy per adapted Linear alive for backward;
 - the scale is absolute and travels per UNet call in `transformer_options[LORA_KEY]` = (scale, slot),
   as the attention pass does under CONTROLLER_KEY. The Linears never see transformer_options, so a
-  DIFFUSION_MODEL wrapper on the clone (`lora_call_scope`) makes that call's value visible to them in
-  a ContextVar for the duration of the call and resets it after. 0 skips the branch, so the source
-  forward is the exact base model, and nothing is re-merged or reloaded between forwards;
+  DIFFUSION_MODEL wrapper on the clone (`lora_call_scope`) makes that call's value visible in a
+  ContextVar for the duration of the call and resets it after. The heavy layer around the Linears
+  (comfy_training.HeavyLayerForward) reads it once and pins it on the state while the layer runs
+  (`pinned`): torch.compile cannot trace ContextVar.get, and a graph break at each of the 192 Linears
+  made compiled training slower than eager. 0 skips the branch, so the source forward is the exact
+  base model, and nothing is re-merged or reloaded between forwards;
 - attaching, loading or detaching only changes `LoraState`: the patches stay installed and pass
   straight through without an adapter.
 Adapters are fp32 master weights on the load device; the branch computes in the activations' dtype
@@ -51,6 +54,7 @@ class LoraState:
         self.up: Dict[str, torch.nn.Parameter] = {}
         self.clip0: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.dropout_active = False
+        self.pinned: Optional[Tuple[float, str]] = None  # (scale, slot) of the heavy layer running now
         # False: the branch computes in the activations' dtype (the UNet's, or autocast's) from the fp32
         # master weights; True: activations upcast to fp32 first (slower, docs/PERFORMANCE.md "levers").
         self.full_precision = False
@@ -75,10 +79,10 @@ class LoraForward:
 
     def __call__(self, x, *args, **kwargs):
         out = type(self.module).forward(self.module, x, *args, **kwargs)
-        scale, slot = CALL.get()
+        state = self.state
+        scale, slot = state.pinned if state.pinned is not None else CALL.get()
         if scale == 0:
             return out
-        state = self.state
         down, up = state.pair(self.path, slot)
         if down is None:
             return out
@@ -98,6 +102,17 @@ def lora_call(value: Tuple[float, str]):
         yield
     finally:
         CALL.reset(token)
+
+
+@contextlib.contextmanager
+def pinned(state: LoraState, value: Tuple[float, str]):
+    """The Linears read `value` from `state` inside (one heavy layer's forward, or its recomputation)."""
+    previous = state.pinned
+    state.pinned = value
+    try:
+        yield
+    finally:
+        state.pinned = previous
 
 
 def lora_call_scope(executor, *args, **kwargs):

@@ -31,11 +31,13 @@ HEAVY_LAYERS = ("VideoResBlock", "SpatialVideoTransformer")
 
 
 class Switch(HeavyLayers):
-    """Training state of one backend: how its heavy layers run (`HeavyLayers`), and the shared model's
-    inference tensors swapped out while training (name -> original object)."""
+    """Training state of one backend: how its heavy layers run (`HeavyLayers`), the backend's LoRA state
+    (its Linears read the call's LoRA pinned there), and the shared model's inference tensors swapped
+    out while training (name -> original object)."""
 
-    def __init__(self):
+    def __init__(self, lora: comfy_lora.LoraState):
         super().__init__()
+        self.lora = lora
         self.swapped = {}
 
 
@@ -47,18 +49,18 @@ class HeavyLayerForward:
         self.module, self.level, self.switch = module, level, switch
 
     def __call__(self, *args, **kwargs):
-        forward = self.switch.forward_of(self.module)
+        forward = with_lora_pinned(self.switch.forward_of(self.module), self.switch.lora, comfy_lora.CALL.get())
         if self.switch.recomputes(self.level):
-            return checkpoint(recompute_with(forward, comfy_lora.CALL.get()), self.module, *args,
-                              use_reentrant=False, **kwargs)
+            return checkpoint(forward, self.module, *args, use_reentrant=False, **kwargs)
         return forward(self.module, *args, **kwargs)
 
 
-def recompute_with(forward, lora_call):
-    """`forward` run with this UNet call's LoRA (scale, slot): the recomputation in backward happens after
-    the call's wrapper has reset it, maybe on autograd's thread."""
+def with_lora_pinned(forward, lora, call):
+    """`forward` run with this UNet call's LoRA (scale, slot) pinned on the LoRA state, where the Linears
+    read it: compiled code cannot read the ContextVar (comfy_lora), and the recomputation in backward runs
+    after the call's wrapper has reset it, maybe on autograd's thread."""
     def run(*args, **kwargs):
-        with comfy_lora.lora_call(lora_call):
+        with comfy_lora.pinned(lora, call):
             return forward(*args, **kwargs)
     return run
 

@@ -136,23 +136,10 @@ class DiffusersBackend:
         stack.enter_context(checkpointing(self.unet, self.layers, gradient_checkpointing))
         return stack
 
-    @contextmanager
-    def compiled(self, backend: str = "inductor", scope: str = "layers"):
-        """The UNet runs through `torch.compile(backend=...)` inside (training.compiled_unet), static shapes
-        (training repeats one shape). scope "layers": each heavy layer's class compiled, shared by layers of
-        equal shape (heavy_layers.py); "unet": the whole UNet as one module (kept for the benchmark's A/B)."""
-        if scope == "layers":
-            with compiled_layers(self.unet, self.layers, backend):
-                yield
-            return
-        if scope != "unet":
-            raise ValueError(f"compile scope must be 'layers' or 'unet', got {scope!r}")
-        previous = self.unet._compiled_call_impl  # nn.Module.compile's slot: a caller's own compile is kept
-        self.unet.compile(backend=backend, dynamic=False)
-        try:
-            yield
-        finally:
-            self.unet._compiled_call_impl = previous
+    def compiled(self, backend: str = "inductor"):
+        """The heavy layers run through `torch.compile(backend=...)` inside (training.compiled_unet), static
+        shapes (training repeats one shape); layers of equal shape share a graph (heavy_layers.py)."""
+        return compiled_layers(self.unet, self.layers, backend)
 
     # Memory policy hooks (pipeline.memory_plan): free memory for "auto", offloading of VAE and CLIP.
     def free_memory(self) -> int:
