@@ -1,8 +1,8 @@
 """The torch.compile lever of motion-LoRA training and the diffusers LoRA-dtype lever, on the CPU.
 
 The GPU path compiles with inductor (docs/PERFORMANCE.md has its measured cost and saving); here the
-same wiring runs with dynamo's "eager" backend: the heavy layers are captured one graph per distinct
-shape, with no graph break, and give the eager numbers.
+same wiring runs with dynamo's "eager" backend: the steps go through one captured graph, with no
+graph break, and give the eager numbers.
 """
 
 import dataclasses
@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from i2vedit_core.backends import diffusers_lora
-from i2vedit_core.backends.diffusers_checkpointing import all_heavy_layers
 from i2vedit_core.lora import LoraSpec
 from i2vedit_core.memory import MemoryPlan, plan_of
 from i2vedit_core.pipeline import PipelineSettings, with_plan
@@ -43,45 +42,18 @@ def test_the_memory_plan_decides_unless_training_names_it():
     assert with_plan(PipelineSettings(training=TrainingSettings(compile=False)), on).training.compile is False
 
 
-def heavy_layer_signatures(backend, run) -> set:
-    """Distinct (class, parameter shapes, input shape and stride, grad mode) the heavy layers see in `run()`:
-    the most graphs regional compile needs for it, if layers of equal signature share one."""
-    seen = set()
-
-    def record(module, args, kwargs):
-        x = args[0] if args else kwargs["hidden_states"]
-        seen.add((type(module).__name__, tuple(tuple(p.shape) for p in module.parameters()), tuple(x.shape),
-                  x.stride(), x.requires_grad, torch.is_grad_enabled()))
-
-    hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in all_heavy_layers(backend.unet)]
-    try:
-        run()
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return seen
-
-
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
-def test_regional_compile_shares_graphs_and_equals_eager(checkpointing):
-    """One graph per distinct heavy-layer shape, shared by equal layers, no graph break, checkpointing
-    wrapped around the compiled layers; the eager step's numbers bit for bit."""
+def test_compiled_training_is_one_graph_and_equals_eager():
     from torch._dynamo.utils import counters
 
     frames = synthetic_clip(num_frames=2, height=64, width=64, seed=4)
-    settings = TrainingSettings(steps=2, learning_rate=1e-2, seed=3, gradient_checkpointing=checkpointing)
+    settings = TrainingSettings(steps=2, learning_rate=1e-2, seed=3)
     plain = train_motion_lora(tiny_backend(seed=0), frames, settings)
     backend = tiny_backend(seed=0)
     torch._dynamo.reset()
     counters.clear()
     compiled = train_motion_lora(backend, frames, dataclasses.replace(settings, compile="eager"))
-    layers = all_heavy_layers(backend.unet)
-    graphs = counters["stats"]["unique_graphs"]
-    assert not counters["graph_break"]
-    probe = tiny_backend(seed=0)
-    signatures = heavy_layer_signatures(probe, lambda: train_motion_lora(probe, frames, settings))
-    assert graphs <= len(signatures) < len(layers)
-    assert not any("forward" in m.__dict__ for m in layers) and backend.layers.compiled == {}  # undone
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]  # traced, whole
+    assert backend.unet._compiled_call_impl is None  # eager again after training
     assert compiled.losses == plain.losses
     assert all(torch.equal(v, plain.lora.weights[k]) for k, v in compiled.lora.weights.items())
 
@@ -104,7 +76,7 @@ def test_a_failing_compiler_falls_back_to_eager_with_the_same_numbers():
         result = train_motion_lora(backend, frames, dataclasses.replace(settings, compile="i2vedit_test_broken"))
     assert result.losses == plain.losses and result.sigmas == plain.sigmas
     assert all(torch.equal(v, plain.lora.weights[k]) for k, v in result.lora.weights.items())
-    assert backend.layers.compiled == {}
+    assert backend.unet._compiled_call_impl is None  # the failed compile is undone
 
 
 def test_diffusers_lora_branch_runs_in_the_activation_dtype():

@@ -54,13 +54,13 @@ class ComfyBackend:
         if len(self.attn1) != 32:
             raise ValueError(NOT_SVD_MODEL.format(found=f"{len(self.attn1)} self-attention layers, SVD has 32"))
         self.lora = comfy_lora.LoraState()
-        self.layers = comfy_training.Switch(self.lora)
+        self.checkpointing = comfy_training.Switch(self.lora)
         self.linears = comfy_lora.adaptable_linears(unet)
         self.model_lora = comfy_model_lora.take_motion_lora(self.patcher, self.linears) if lora_from_model else None
         self._incoming_patches = (bool(self.patcher.patches), str(self.patcher.patches_uuid))
         comfy_attention.install(self.patcher, self.attn1)
         comfy_lora.install(self.patcher, self.linears, self.lora)
-        comfy_training.install_heavy_layers(self.patcher, unet, self.layers)
+        comfy_training.install_checkpointing(self.patcher, unet, self.checkpointing)
         self.device = torch.device(self.patcher.load_device)
         self.latent_format = self.patcher.get_model_object("latent_format")
         self.latent_scale = float(self.latent_format.scale_factor)
@@ -131,7 +131,7 @@ class ComfyBackend:
             chunks = comfy_attention.chunks_for(attention.rows)
         self.load(x.shape)
         if comfy_training.trainable_now():
-            comfy_training.replace_inference_tensors(self.patcher.model, self.layers.swapped)
+            comfy_training.replace_inference_tensors(self.patcher.model, self.checkpointing.swapped)
         flat, inputs = self._unet_inputs(x, cond)
         sigmas = torch.full((flat.shape[0],), float(sigma), dtype=torch.float32, device=self.device)
         options = denoise_transformer_options(self.patcher, chunks, sigmas)
@@ -179,12 +179,12 @@ class ComfyBackend:
         """Inference mode off (ComfyUI runs nodes inside it), LoRA dropout on, optional checkpointing
         (False, True or a level count: `memory.checkpointed_levels`)."""
         levels = len(self.patcher.model.diffusion_model.channel_mult)
-        return comfy_training.training_mode(self.lora, self.layers, gradient_checkpointing, levels,
+        return comfy_training.training_mode(self.lora, self.checkpointing, gradient_checkpointing, levels,
                                             self.patcher.model)
 
     def compiled(self, backend: str = "inductor"):
-        """The clone's heavy layers through torch.compile inside (training.compiled_unet; comfy_compile.py)."""
-        return comfy_compile.compiled(self.patcher, self.layers, backend)
+        """The clone's UNet through torch.compile inside (training.compiled_unet; comfy_compile.py)."""
+        return comfy_compile.compiled(self.patcher, self.lora, backend)
 
     # --- cache identity ----------------------------------------------------------------------
 

@@ -1,33 +1,41 @@
-"""torch.compile of ComfyUI's SVD UNet for motion-LoRA training, per heavy layer (heavy_layers.py).
+"""torch.compile of ComfyUI's SVD UNet for motion-LoRA training, ComfyUI's own way.
 
-The heavy layers (VideoResBlock, SpatialVideoTransformer) run their class's compiled forward through
-the object patches the backend already has on them (`comfy_training.HeavyLayerForward`); checkpointing
-wraps the compiled layer from outside. The motion LoRA (object-patched Linear forwards reading
-`LoraState`) is plain Python that dynamo traces into each layer's graph.
-
-Not ComfyUI's whole-model `set_torch_compile_wrapper` (what the core TorchCompileModel node does): one
-graph of the whole UNet's forward and backward took 245 s to compile on an H200, and the 24gb/12gb
-tiers' checkpointing split it at every recomputed layer (docs/PERFORMANCE.md). The compile is undone
-after the block; the MODEL given to the backend never sees it, and a MODEL that arrives compiled
-(TorchCompileModel) is left to its own wrapper.
+`comfy_api.torch_helpers.set_torch_compile_wrapper` puts an APPLY_MODEL wrapper on the backend's clone
+that swaps `diffusion_model` for its compiled module for each call (the core TorchCompileModel node
+does the same); `denoise` merges the clone's wrappers into each call's options, so every UNet call
+inside the block runs compiled. The motion LoRA (object-patched Linear forwards reading `LoraState`)
+and checkpointing (object-patched layer forwards) are plain Python that dynamo traces into the graph;
+the call's LoRA scale is pinned on the state by a second APPLY_MODEL wrapper, outside the compiled
+module, because torch <= 2.13 cannot trace the ContextVar that carries it otherwise (comfy_lora).
+The wrapper is removed after the block; the MODEL given to the backend never sees it.
 """
 
 from contextlib import contextmanager
 
+from . import comfy_lora
+
+
+PIN_KEY = "i2vedit_lora_pin"
+
 
 @contextmanager
-def compiled(patcher, switch, backend: str = "inductor"):
-    """`patcher`'s heavy layers compiled with `backend` inside (static shapes: training repeats one shape)."""
-    from comfy_api.torch_helpers.torch_compile import TORCH_COMPILE_KWARGS
+def compiled(patcher, lora_state, backend: str = "inductor"):
+    """`patcher`'s UNet compiled with `backend` inside (static shapes: training repeats one shape), with
+    each call's LoRA (scale, slot) pinned on `lora_state` outside the compiled module (comfy_lora)."""
+    import comfy.patcher_extension as ext
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    from comfy_api.torch_helpers.torch_compile import COMPILE_KEY, TORCH_COMPILE_KWARGS
 
-    if patcher.model_options.get(TORCH_COMPILE_KWARGS) is not None:
-        yield  # the MODEL came compiled (TorchCompileModel): its own wrapper already compiles
-        return
-    with switch.compiling(heavy_layer_classes(patcher.model.diffusion_model), backend):
-        yield
-
-
-def heavy_layer_classes(diffusion_model) -> set:
-    from .comfy_training import HEAVY_LAYERS
-
-    return {type(m) for m in diffusion_model.modules() if type(m).__name__ in HEAVY_LAYERS}
+    patcher.add_wrapper_with_key(ext.WrappersMP.APPLY_MODEL, PIN_KEY, comfy_lora.pin_lora_call(lora_state))
+    try:
+        if patcher.model_options.get(TORCH_COMPILE_KWARGS) is not None:
+            yield  # the MODEL came compiled (TorchCompileModel): its own wrapper already compiles
+            return
+        set_torch_compile_wrapper(patcher, backend=backend, dynamic=False)
+        try:
+            yield
+        finally:
+            patcher.remove_wrappers_with_key(ext.WrappersMP.APPLY_MODEL, COMPILE_KEY)
+            patcher.model_options.pop(TORCH_COMPILE_KWARGS, None)
+    finally:
+        patcher.remove_wrappers_with_key(ext.WrappersMP.APPLY_MODEL, PIN_KEY)

@@ -10,11 +10,12 @@ and the diffusers backend do), reading the adapter from the backend's `LoraState
 - the scale is absolute and travels per UNet call in `transformer_options[LORA_KEY]` = (scale, slot),
   as the attention pass does under CONTROLLER_KEY. The Linears never see transformer_options, so a
   DIFFUSION_MODEL wrapper on the clone (`lora_call_scope`) makes that call's value visible in a
-  ContextVar for the duration of the call and resets it after. The heavy layer around the Linears
-  (comfy_training.HeavyLayerForward) reads it once and pins it on the state while the layer runs
-  (`pinned`): torch.compile cannot trace ContextVar.get, and a graph break at each of the 192 Linears
-  made compiled training slower than eager. 0 skips the branch, so the source forward is the exact
-  base model, and nothing is re-merged or reloaded between forwards;
+  ContextVar for the duration of the call and resets it after. While training compiles the UNet, an
+  APPLY_MODEL wrapper outside the compiled module pins the call's value on the state instead (`pinned`,
+  `pin_lora_call`), where the Linears read it: torch <= 2.13 cannot trace ContextVar.get, and a graph
+  break at each of the 192 Linears made a compiled training step slower than eager on an H200
+  (docs/PERFORMANCE.md). 0 skips the branch, so the source forward is the exact base model, and
+  nothing is re-merged or reloaded between forwards;
 - attaching, loading or detaching only changes `LoraState`: the patches stay installed and pass
   straight through without an adapter.
 Adapters are fp32 master weights on the load device; the branch computes in the activations' dtype
@@ -80,7 +81,7 @@ class LoraForward:
     def __call__(self, x, *args, **kwargs):
         out = type(self.module).forward(self.module, x, *args, **kwargs)
         state = self.state
-        scale, slot = state.pinned if state.pinned is not None else CALL.get()
+        scale, slot = current_call(state)
         if scale == 0:
             return out
         down, up = state.pair(self.path, slot)
@@ -104,9 +105,14 @@ def lora_call(value: Tuple[float, str]):
         CALL.reset(token)
 
 
+def current_call(state: LoraState) -> Tuple[float, str]:
+    """The running UNet call's (scale, slot): pinned on the state while compiled, else the ContextVar's."""
+    return state.pinned if state.pinned is not None else CALL.get()
+
+
 @contextlib.contextmanager
 def pinned(state: LoraState, value: Tuple[float, str]):
-    """The Linears read `value` from `state` inside (one heavy layer's forward, or its recomputation)."""
+    """The Linears read `value` from `state` inside (a compiled UNet call, or a layer's recomputation)."""
     previous = state.pinned
     state.pinned = value
     try:
@@ -121,6 +127,16 @@ def lora_call_scope(executor, *args, **kwargs):
     options = args[5] if len(args) > 5 else kwargs.get("transformer_options") or {}
     with lora_call(options.get(LORA_KEY, OUTSIDE_A_CALL)):
         return executor(*args, **kwargs)
+
+
+def pin_lora_call(state: LoraState):
+    """APPLY_MODEL wrapper (outside the compiled diffusion model; `comfy_compile`): pins the call's
+    transformer_options[LORA_KEY] on `state` for the call."""
+    def pin(executor, *args, **kwargs):
+        options = args[5] if len(args) > 5 else kwargs.get("transformer_options") or {}
+        with pinned(state, options.get(LORA_KEY, OUTSIDE_A_CALL)):
+            return executor(*args, **kwargs)
+    return pin
 
 
 def with_lora(transformer_options: dict, scale: float, slot: str = "clip") -> dict:

@@ -9,11 +9,10 @@ originals are recorded and put back, the same objects, when training ends, befor
 restores what it patched (tests/host/test_comfy_model_untouched.py checks identity, values and
 inference-ness afterwards).
 
-The heavy layers of the UNet's blocks (VideoResBlock and SpatialVideoTransformer, the ones core
-TrainLoraNode's `patch` checkpoints) get object-patched forwards that follow the backend's `Switch`
-(heavy_layers.py): recomputed in backward while their resolution level is switched on
-(`memory.checkpointed_levels`, the set the diffusers backend checkpoints too) and autograd is recording;
-run through `torch.compile` while training compiles (comfy_compile.py).
+Gradient checkpointing wraps the heavy layers of the UNet's blocks (VideoResBlock and
+SpatialVideoTransformer, as core TrainLoraNode's `patch` does for top-level children) with
+object-patched forwards that checkpoint only while their resolution level is switched on
+(`memory.checkpointed_levels`, the set the diffusers backend checkpoints too) and autograd is recording.
 """
 
 from contextlib import contextmanager
@@ -25,51 +24,50 @@ from torch.utils.checkpoint import checkpoint
 from ..memory import checkpointed_levels
 from . import comfy_lora
 from .comfy_attention import level_of
-from .heavy_layers import HeavyLayers
 
 HEAVY_LAYERS = ("VideoResBlock", "SpatialVideoTransformer")
 
 
-class Switch(HeavyLayers):
-    """Training state of one backend: how its heavy layers run (`HeavyLayers`), the backend's LoRA state
-    (its Linears read the call's LoRA pinned there), and the shared model's inference tensors swapped
-    out while training (name -> original object)."""
+class Switch:
+    """Training state of one backend: the checkpointed levels its object patches read, its LoRA state
+    (whose call value a recomputation pins again), and the shared model's inference tensors swapped out
+    while training (name -> original object)."""
 
     def __init__(self, lora: comfy_lora.LoraState):
-        super().__init__()
+        self.levels = frozenset()
         self.lora = lora
         self.swapped = {}
 
 
-class HeavyLayerForward:
-    """Replacement `forward` of one heavy UNet layer: compiled while the switch compiles its class,
-    recomputed in backward while its level is switched on (checkpoint outside the compiled forward)."""
+class CheckpointedForward:
+    """Replacement `forward` of one UNet layer: recomputed in backward while its level is switched on."""
 
     def __init__(self, module: torch.nn.Module, level: int, switch: Switch):
         self.module, self.level, self.switch = module, level, switch
 
     def __call__(self, *args, **kwargs):
-        forward = with_lora_pinned(self.switch.forward_of(self.module), self.switch.lora, comfy_lora.CALL.get())
-        if self.switch.recomputes(self.level):
-            return checkpoint(forward, self.module, *args, use_reentrant=False, **kwargs)
+        forward = type(self.module).forward
+        if self.level in self.switch.levels and torch.is_grad_enabled():
+            lora = self.switch.lora
+            return checkpoint(recompute_with(forward, lora, comfy_lora.current_call(lora)), self.module, *args,
+                              use_reentrant=False, **kwargs)
         return forward(self.module, *args, **kwargs)
 
 
-def with_lora_pinned(forward, lora, call):
-    """`forward` run with this UNet call's LoRA (scale, slot) pinned on the LoRA state, where the Linears
-    read it: compiled code cannot read the ContextVar (comfy_lora), and the recomputation in backward runs
-    after the call's wrapper has reset it, maybe on autograd's thread."""
+def recompute_with(forward, lora, call):
+    """`forward` run with this UNet call's LoRA (scale, slot) pinned on `lora`: the recomputation in backward
+    happens after the call's wrappers have reset it, maybe on autograd's thread."""
     def run(*args, **kwargs):
         with comfy_lora.pinned(lora, call):
             return forward(*args, **kwargs)
     return run
 
 
-def install_heavy_layers(patcher, diffusion_model, switch: Switch) -> None:
+def install_checkpointing(patcher, diffusion_model, switch: Switch) -> None:
     per_block, levels = int(diffusion_model.num_res_blocks[0]) + 1, len(diffusion_model.channel_mult)
     for path, module in diffusion_model.named_modules():
         if type(module).__name__ in HEAVY_LAYERS and path.startswith(("input_blocks.", "middle_block.", "output_blocks.")):
-            forward = HeavyLayerForward(module, level_of(path, per_block, levels), switch)
+            forward = CheckpointedForward(module, level_of(path, per_block, levels), switch)
             patcher.add_object_patch(f"diffusion_model.{path}.forward", forward)
 
 

@@ -17,8 +17,7 @@ from .standalone import check_versions
 check_versions()  # before anything touches diffusers/peft: a clear message instead of an AttributeError later
 from .diffusers_attention import use_attention  # noqa: E402
 from . import diffusers_lora  # noqa: E402
-from .diffusers_checkpointing import checkpointing, compiled_layers  # noqa: E402
-from .heavy_layers import HeavyLayers  # noqa: E402
+from .diffusers_checkpointing import checkpointing  # noqa: E402
 from .diffusers_lora import use_lora_scale  # noqa: E402
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -35,7 +34,6 @@ class DiffusersBackend:
         self.latent_scale = float(vae.config.scaling_factor)
         self.clip_size = int(image_encoder.config.image_size)
         self.offload = False
-        self.layers = HeavyLayers()  # how the heavy layers run in training: recomputed, compiled
         for module in (unet, vae, image_encoder):
             module.eval().requires_grad_(False)
 
@@ -133,13 +131,19 @@ class DiffusersBackend:
         """gradient_checkpointing: False, True or a level count (`memory.checkpointed_levels`)."""
         stack = ExitStack()
         stack.enter_context(diffusers_lora.lora_training(self.unet))
-        stack.enter_context(checkpointing(self.unet, self.layers, gradient_checkpointing))
+        stack.enter_context(checkpointing(self.unet, gradient_checkpointing))
         return stack
 
+    @contextmanager
     def compiled(self, backend: str = "inductor"):
-        """The heavy layers run through `torch.compile(backend=...)` inside (training.compiled_unet), static
-        shapes (training repeats one shape); layers of equal shape share a graph (heavy_layers.py)."""
-        return compiled_layers(self.unet, self.layers, backend)
+        """The UNet runs through `torch.compile(backend=...)` inside (training.compiled_unet): static shapes,
+        since training repeats one shape and a dynamic-shape graph would be slower."""
+        previous = self.unet._compiled_call_impl  # nn.Module.compile's slot: a caller's own compile is kept
+        self.unet.compile(backend=backend, dynamic=False)
+        try:
+            yield
+        finally:
+            self.unet._compiled_call_impl = previous
 
     # Memory policy hooks (pipeline.memory_plan): free memory for "auto", offloading of VAE and CLIP.
     def free_memory(self) -> int:

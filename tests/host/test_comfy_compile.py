@@ -1,4 +1,4 @@
-"""Speed and memory levers of ComfyBackend: torch.compile of training per heavy layer (comfy_compile.py),
+"""Speed and memory levers of ComfyBackend: torch.compile of training through ComfyUI's own compile wrapper,
 and offloading the VAE and CLIP vision through ComfyUI's model management while the UNet stays loaded."""
 
 import dataclasses
@@ -6,35 +6,41 @@ import dataclasses
 import pytest
 import torch
 
-from i2vedit_core.backends.comfy_training import HEAVY_LAYERS
 from i2vedit_core.tiny import synthetic_clip
 from i2vedit_core.training import TrainingSettings, train_motion_lora
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
-def test_compiled_training_equals_eager(comfy_backend, comfy_parts, checkpointing):
-    """Per heavy layer: one graph per distinct layer shape and grad mode, except that ComfyUI's transformer
-    blocks look up transformer_options["block"] (its attn1 replace patches), so each transformer keeps its
-    own graph. No graph break: the Linears read the call's LoRA pinned on the state, not the ContextVar
-    (a break at each of them made the compiled step slower than eager on an H200). Checkpointing wraps
-    the compiled layers from outside; its recomputation may add a second entry per layer."""
+def test_compiled_training_through_comfys_wrapper_equals_eager(comfy_backend, comfy_parts, checkpointing):
     from comfy_api.torch_helpers.torch_compile import COMPILE_KEY
+    from i2vedit_core.backends.comfy_compile import PIN_KEY
     from torch._dynamo.utils import counters
 
     frames = synthetic_clip(num_frames=3, height=64, width=64, seed=4)
     settings = TrainingSettings(steps=2, learning_rate=1e-2, seed=3, gradient_checkpointing=checkpointing)
     plain = train_motion_lora(comfy_backend, frames, settings)
-    torch._dynamo.reset()
+    seen = []
+    original = comfy_backend.compiled
+    comfy_backend.compiled = lambda name: (seen.append(comfy_backend.patcher.wrappers), original(name))[1]
     counters.clear()
     compiled = train_motion_lora(comfy_backend, frames, dataclasses.replace(settings, compile="eager"))
-    graphs = counters["stats"]["unique_graphs"]
-    heavy = [m for m in comfy_backend.patcher.model.diffusion_model.modules() if type(m).__name__ in HEAVY_LAYERS]
-    assert not counters["graph_break"], list(counters["graph_break"])
-    assert 1 < graphs < len(heavy) * (2 if checkpointing else 1)
-    assert comfy_backend.layers.compiled == {}  # undone after training
+    # Without checkpointing: one graph of the UNet with the LoRA and checkpointing object patches in it. The only
+    # break is at the DIFFUSION_MODEL wrapper that sets the call's ContextVar (that frame runs eagerly); the
+    # Linears read the scale pinned on the adapter state by an APPLY_MODEL wrapper outside the compiled module.
+    allowed = ["ContextVar"]
+    if checkpointing:
+        # Checkpointed layers pin the call's LoRA scale again for their recomputation in backward, a write from
+        # inside the checkpoint region that dynamo splits at ("HOP: Unsafe side effect": 18 graphs on the tiny
+        # model); still the eager step's numbers. docs/PERFORMANCE.md: not measured on the GPU.
+        assert counters["stats"]["unique_graphs"] > 1
+        allowed.append("HOP: Unsafe side effect")
+    else:
+        assert counters["stats"]["unique_graphs"] == 1
+    assert all(any(a in reason for a in allowed) for reason in counters["graph_break"]), list(counters["graph_break"])
     assert compiled.losses == plain.losses
     assert all(torch.equal(v, plain.lora.weights[k]) for k, v in compiled.lora.weights.items())
-    assert not comfy_backend.patcher.wrappers.get("apply_model", {}).get(COMPILE_KEY)
+    wrappers = comfy_backend.patcher.wrappers.get("apply_model", {})
+    assert seen and not wrappers.get(COMPILE_KEY) and not wrappers.get(PIN_KEY)  # removed after training
     assert not comfy_parts["model"].wrappers.get("apply_model", {}).get(COMPILE_KEY)  # the input MODEL never had it
 
 

@@ -90,7 +90,7 @@ def test_checkpointed_recompute_runs_with_the_calls_lora_scale():
         state.up[PATH].normal_()
     block[0].forward = comfy_lora.LoraForward(block[0], PATH, state)
     switch = comfy_training.Switch(state)
-    layer = comfy_training.HeavyLayerForward(block, 0, switch)
+    layer = comfy_training.CheckpointedForward(block, 0, switch)
     x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
 
     def grads(levels):
