@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="memory policy: auto (from the GPU's free memory), fast, 24gb, 12gb, or a GiB budget such as 16; lower "
            "settings checkpoint more of training, decode fewer frames at a time and offload the VAE and CLIP")
     a("--compile-training", action=argparse.BooleanOptionalAction, default=None,
-      help="torch.compile the UNet's layers for motion-LoRA training (CUDA with Triton only; default: the memory "
+      help="torch.compile the UNet for motion-LoRA training (CUDA with Triton only; default: the memory "
            "setting decides): a one-off compile per process, then each training step about a third faster "
            "(docs/PERFORMANCE.md)")
     a("--cache", help="folder caching inversions and motion LoRAs: a second edit of the same video skips both")

@@ -196,15 +196,16 @@ def compile_backend(setting, device: torch.device) -> Optional[str]:
     e.g. many Windows installs, it cannot build GPU kernels)."""
     if isinstance(setting, str):
         return setting
-    return "inductor" if setting and device.type == "cuda" and _has_triton() else None
+    return "inductor" if setting and device.type == "cuda" and _triton_runs_on(device) else None
 
 
-def _has_triton() -> bool:
+def _triton_runs_on(device: torch.device) -> bool:
+    """Triton installed and the GPU new enough for its kernels (compute capability 7.0)."""
     try:
-        from torch.utils._triton import has_triton
+        from torch.utils._triton import has_triton_package
     except ImportError:
         return False
-    return bool(has_triton())
+    return bool(has_triton_package()) and torch.cuda.get_device_capability(device) >= (7, 0)
 
 
 def compiled_unet(backend, compile_with: Optional[str]):
@@ -248,19 +249,22 @@ def _run_steps(backend, denoise, z0, cond, settings, generator, progress, cancel
 def _first_step_or_eager(compiling, compile_with, denoise, optimizer, z0, cond, settings, generator, device):
     """The first step, where torch.compile builds its graphs. If the compiler fails (no working Triton or
     C++ toolchain, an unsupported op), training goes on eagerly from the same random state, with a warning:
-    compiling is a speed-up, never a reason to lose the run."""
+    compiling is a speed-up, never a reason to lose the run. The backward is compiled with the forward here
+    (not lazily at the first backward), so that its failures are caught too."""
     from torch._dynamo.exc import BackendCompilerFailed
 
     state = (generator.get_state(), torch.get_rng_state(),
              torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
     sigma = sample_sigma(settings, generator)
     try:
-        return sigma, training_step(denoise, optimizer, z0, cond, sigma, settings, generator)
+        with _backward_compiled_with_forward():
+            return sigma, training_step(denoise, optimizer, z0, cond, sigma, settings, generator)
     except BackendCompilerFailed as error:
         cause = getattr(error, "inner_exception", None) or error
         warnings.warn(f"torch.compile ({compile_with}) failed, so motion-LoRA training runs eagerly (slower, "
-                      f"same result): {type(cause).__name__}: {str(cause).splitlines()[0][:300]}. Turn compiling off to skip the attempt "
-                      f"(TrainingSettings(compile=False), the CLI's --no-compile-training).", stacklevel=3)
+                      f"same result): {type(cause).__name__}: {str(cause).splitlines()[0][:300]}. Turn compiling "
+                      f"off to skip the attempt (TrainingSettings(compile=False), the CLI's --no-compile-training).",
+                      stacklevel=4)
     optimizer.zero_grad(set_to_none=True)
     compiling.close()
     generator.set_state(state[0])
@@ -268,4 +272,17 @@ def _first_step_or_eager(compiling, compile_with, denoise, optimizer, z0, cond, 
     if state[2] is not None:
         torch.cuda.set_rng_state(state[2], device)
     sigma = sample_sigma(settings, generator)
-    return sigma, training_step(denoise, optimizer, z0, cond, sigma, settings, generator)
+    try:
+        return sigma, training_step(denoise, optimizer, z0, cond, sigma, settings, generator)
+    except BackendCompilerFailed as error:
+        raise RuntimeError("torch.compile failed, and the model compiles itself (e.g. ComfyUI's TorchCompileModel "
+                           "node before this one): remove that node, or fix the compiler setup "
+                           f"({str(error).splitlines()[0][:200]})") from error
+
+
+def _backward_compiled_with_forward():
+    import torch._functorch.config as functorch_config
+
+    if not hasattr(functorch_config, "force_non_lazy_backward_lowering"):
+        return contextlib.nullcontext()
+    return functorch_config.patch(force_non_lazy_backward_lowering=True)

@@ -22,9 +22,9 @@ def test_compile_setting_resolves_per_device(monkeypatch):
     from i2vedit_core import training
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(training, "_has_triton", lambda: True)
+    monkeypatch.setattr(training, "_triton_runs_on", lambda device: True)
     assert compile_backend(True, cuda) == "inductor" and compile_backend(True, cpu) is None
-    monkeypatch.setattr(training, "_has_triton", lambda: False)
+    monkeypatch.setattr(training, "_triton_runs_on", lambda device: False)
     assert compile_backend(True, cuda) is None  # no Triton (many Windows installs): eager, not an error
     assert compile_backend("aot_eager", cpu) == "aot_eager" and compile_backend("eager", cuda) == "eager"
     assert compile_backend(False, cuda) is None and compile_backend(None, cuda) is None
@@ -76,7 +76,28 @@ def test_a_failing_compiler_falls_back_to_eager_with_the_same_numbers():
         result = train_motion_lora(backend, frames, dataclasses.replace(settings, compile="i2vedit_test_broken"))
     assert result.losses == plain.losses and result.sigmas == plain.sigmas
     assert all(torch.equal(v, plain.lora.weights[k]) for k, v in result.lora.weights.items())
-    assert backend.unet._compiled_call_impl is None  # the failed compile is undone
+
+
+def test_a_failing_backward_compiler_is_caught_in_the_first_step():
+    """The backward is compiled with the forward in the first step, so its failure falls back to eager too
+    (compiled lazily, it would surface at loss.backward() as a plain error and lose the run)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo import register_backend
+    from torch._dynamo.backends.common import aot_autograd
+
+    def backward_fails(graph, example_inputs):
+        raise RuntimeError("no kernel for the backward")
+
+    register_backend(aot_autograd(fw_compiler=lambda g, _: make_boxed_func(g.forward), bw_compiler=backward_fails),
+                     name="i2vedit_test_broken_backward")
+    frames = synthetic_clip(num_frames=2, height=64, width=64, seed=4)
+    settings = TrainingSettings(steps=2, learning_rate=1e-2, seed=3)
+    plain = train_motion_lora(tiny_backend(seed=0), frames, settings)
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="no kernel for the backward"):
+        result = train_motion_lora(tiny_backend(seed=0), frames,
+                                   dataclasses.replace(settings, compile="i2vedit_test_broken_backward"))
+    assert result.losses == plain.losses
 
 
 def test_diffusers_lora_branch_runs_in_the_activation_dtype():

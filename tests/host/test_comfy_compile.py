@@ -66,8 +66,9 @@ def test_offload_unloads_vae_and_clip_while_keeping_the_unet(comfy_backend, comf
 
 
 def test_compiled_unet_follows_each_calls_lora_scale(comfy_backend):
-    """The scale reaches the patched Linears per call (a ContextVar the DIFFUSION_MODEL wrapper sets): the
-    compiled UNet must not bake in the first call's value (skip-interval training runs scale 0 and 1)."""
+    """The scale reaches the patched Linears per call (pinned on the adapter state by the APPLY_MODEL wrapper
+    while compiled; the ContextVar otherwise): the compiled UNet must not bake in the first call's value
+    (skip-interval training runs scale 0 and 1)."""
     from i2vedit_core.backends.base import Conditioning
     from i2vedit_core.lora import LoraSpec
 
