@@ -247,6 +247,8 @@ def bench_backend(name, modules, args, size, out):
             if cuda:
                 cap_memory(None, name == "comfy")
         plan = settings.memory.plan(backend.device, getattr(backend, "free_memory", None))
+        if training.compile is not None:  # --compile on|off overrides the plan's switch: show what ran
+            plan = dataclasses.replace(plan, compile=training.compile)
         title = (f"{label}: one clip, {frames} frames at {hw[0]}x{hw[1]} ({_device_name()}; {plan}; training ran "
                  f"{args.train_steps} steps, extrapolated to {train_steps} by its per-step time)")
         emit(out, "\n" + table(title, rows, mems, eager_floor, own_floor, train_scale))
