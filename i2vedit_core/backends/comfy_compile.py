@@ -7,7 +7,7 @@ inside the block runs compiled. The motion LoRA (object-patched Linear forwards 
 and checkpointing (object-patched layer forwards) are plain Python that dynamo traces into the graph;
 the call's LoRA scale is pinned on the state by a second APPLY_MODEL wrapper, outside the compiled
 module, because torch <= 2.13 cannot trace the ContextVar that carries it otherwise (comfy_lora).
-The wrapper is removed after the block; the MODEL given to the backend never sees it.
+Both wrappers are removed after the block; the MODEL given to the backend never sees them.
 """
 
 from contextlib import contextmanager

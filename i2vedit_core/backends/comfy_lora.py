@@ -55,7 +55,7 @@ class LoraState:
         self.up: Dict[str, torch.nn.Parameter] = {}
         self.clip0: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.dropout_active = False
-        self.pinned: Optional[Tuple[float, str]] = None  # (scale, slot) of the heavy layer running now
+        self.pinned: Optional[Tuple[float, str]] = None  # (scale, slot) of the compiled call or recomputation running now
         # False: the branch computes in the activations' dtype (the UNet's, or autocast's) from the fp32
         # master weights; True: activations upcast to fp32 first (slower, docs/PERFORMANCE.md "levers").
         self.full_precision = False
