@@ -4,10 +4,10 @@
 
 Per backend, at 14 frames and 512x896 (training's size), through the core's own `training_step` and
 `compiled_unet` (what `train_motion_lora` runs: the whole UNet through torch.compile), for each
-`--checkpointing` setting (0: the fast tier, 3: the 24gb tier, all: the 12gb tier): the eager step; the first compiled step (compile cost) and the steady
-compiled step; the first step after a fresh adapter is attached (a later clip: what the compile caches
-save); and the largest difference of losses and LoRA weights eager vs compiled from the same init and
-seed (dropout 0, so both draw the same numbers).
+`--checkpointing` setting (0: the fast tier, 3: the 24gb tier, all: the 12gb tier): the eager step; the
+first compiled step (compile cost) and the steady compiled step; the first step after a fresh adapter is
+attached (a later clip: what the compile caches save); and the largest difference of losses and LoRA
+weights eager vs compiled from the same init and seed (dropout 0, so both draw the same numbers).
 
 `--warm` runs the compiled part again in a second process that shares the first one's inductor cache
 folder (TORCHINDUCTOR_CACHE_DIR): the compile a user pays after restarting ComfyUI on the same machine.

@@ -230,15 +230,19 @@ def _run_steps(backend, denoise, z0, cond, settings, generator, progress, cancel
         compile_with = compile_backend(settings.compile, device)
         compiling.enter_context(compiled_unet(backend, compile_with))
         torch.manual_seed(settings.seed)
+
+        def one_step():
+            sigma = sample_sigma(settings, generator)
+            return sigma, training_step(denoise, optimizer, z0, cond, sigma, settings, generator)
+
         for step in range(settings.steps):
             if cancel is not None and cancel():
                 raise TrainingCancelled(f"motion LoRA training cancelled at step {step} of {settings.steps}")
             if step == 0 and compile_with is not None:
-                sigma, loss = _first_step_or_eager(compiling, compile_with, denoise, optimizer, z0, cond, settings,
-                                                   generator, device)
+                sigma, loss = _first_step_or_eager(one_step, compiling, compile_with, optimizer, generator,
+                                                   settings.seed)
             else:
-                sigma = sample_sigma(settings, generator)
-                loss = training_step(denoise, optimizer, z0, cond, sigma, settings, generator)
+                sigma, loss = one_step()
             losses.append(loss)
             sigmas.append(sigma)
             if progress is not None:
@@ -246,19 +250,17 @@ def _run_steps(backend, denoise, z0, cond, settings, generator, progress, cancel
     return losses, sigmas, time.perf_counter() - start
 
 
-def _first_step_or_eager(compiling, compile_with, denoise, optimizer, z0, cond, settings, generator, device):
+def _first_step_or_eager(one_step, compiling, compile_with, optimizer, generator, seed):
     """The first step, where torch.compile builds its graphs. If the compiler fails (no working Triton or
     C++ toolchain, an unsupported op), training goes on eagerly from the same random state, with a warning:
     compiling is a speed-up, never a reason to lose the run. The backward is compiled with the forward here
     (not lazily at the first backward), so that its failures are caught too."""
     from torch._dynamo.exc import BackendCompilerFailed
 
-    state = (generator.get_state(), torch.get_rng_state(),
-             torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-    sigma = sample_sigma(settings, generator)
+    generator_state = generator.get_state()
     try:
         with _backward_compiled_with_forward():
-            return sigma, training_step(denoise, optimizer, z0, cond, sigma, settings, generator)
+            return one_step()
     except BackendCompilerFailed as error:
         cause = getattr(error, "inner_exception", None) or error
         warnings.warn(f"torch.compile ({compile_with}) failed, so motion-LoRA training runs eagerly (slower, "
@@ -267,13 +269,10 @@ def _first_step_or_eager(compiling, compile_with, denoise, optimizer, z0, cond, 
                       stacklevel=4)
     optimizer.zero_grad(set_to_none=True)
     compiling.close()
-    generator.set_state(state[0])
-    torch.set_rng_state(state[1])
-    if state[2] is not None:
-        torch.cuda.set_rng_state(state[2], device)
-    sigma = sample_sigma(settings, generator)
+    generator.set_state(generator_state)
+    torch.manual_seed(seed)  # the global RNG (LoRA dropout) as training seeded it before the first step
     try:
-        return sigma, training_step(denoise, optimizer, z0, cond, sigma, settings, generator)
+        return one_step()
     except BackendCompilerFailed as error:
         raise RuntimeError("torch.compile failed, and the model compiles itself (e.g. ComfyUI's TorchCompileModel "
                            "node before this one): remove that node, or fix the compiler setup "
