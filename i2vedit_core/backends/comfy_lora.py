@@ -19,7 +19,9 @@ and the diffusers backend do), reading the adapter from the backend's `LoraState
 - attaching, loading or detaching only changes `LoraState`: the patches stay installed and pass
   straight through without an adapter.
 Adapters are fp32 master weights on the load device; the branch computes in the activations' dtype
-(the UNet's, or autocast's), 5 % faster per training step on an H200 (docs/PERFORMANCE.md).
+(the UNet's, or autocast's), 5 % faster per training step on an H200 (docs/PERFORMANCE.md). The scale
+multiplies the up-projection's weight, and the dropped branch is added by one fused kernel on CUDA
+(`branch_dropout`): both save passes over tensors as large as the Linear's output.
 Files use the SGM paths of `lora.py`.
 """
 
@@ -30,6 +32,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..branch_dropout import add_dropped
 from ..lora import (SVD_TEMPORAL_SITES, TEMPORAL_LINEARS, LoraSpec, MotionLora, check_fits, check_rank_fits,
                     motion_lora_from_pairs)
 from .twins import lora_down_init, lora_generator, needs_fresh_adapter
@@ -88,10 +91,11 @@ class LoraForward:
         if down is None:
             return out
         dtype = down.dtype if state.full_precision else x.dtype
+        up = up if scale == 1 else up * scale  # on the (out, rank) weight, not on the Linear-sized output
         delta = F.linear(F.linear(x.to(dtype), down.to(dtype)), up.to(dtype))
         if state.dropout_active and state.spec.dropout > 0:
-            delta = F.dropout(delta, state.spec.dropout, training=True)
-        return out + (delta * scale).to(out.dtype)
+            return add_dropped(out, delta, state.spec.dropout)
+        return out + delta.to(out.dtype)
 
 
 @contextlib.contextmanager

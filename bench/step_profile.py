@@ -1,0 +1,218 @@
+"""Where the ComfyUI training step's time goes: the pack's step against the bare-LoRA floor step.
+
+    python bench/step_profile.py --comfyui /path/to/ComfyUI [--out DIR]
+
+Full-size random SVD in ComfyUI's dtypes (fp16 UNet), 14 frames at 512x896, eager. Times (median of
+`--steps` after two warm-up steps):
+- floor: `floors.py`'s bare rank-32 LoRA object-patched on a fresh clone, `apply_model` + AdamW;
+- pack: the core's `training_step` through `backend.denoise`, the real LoRA spec (dropout 0.1), with the
+  dropped branch added by the fused kernel (`branch_dropout`) on CUDA;
+- pack, unfused dropout: the same with `base + F.dropout(branch)`;
+- pack, before: the LoRA forward as it was before the fused kernel (F.dropout, then the scale multiplies the
+  Linear-sized branch output);
+- pack, dropout 0: no dropout at all (what any dropout implementation costs).
+Then one profiled step of the floor and of the pack (torch.profiler): wall time, the summed GPU kernel
+time (wall minus that is time the GPU waited for the host) and the kernels whose time differs most.
+"""
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import builders  # noqa: E402
+import floors  # noqa: E402
+from compile_step import inputs  # noqa: E402
+from i2vedit_core import branch_dropout  # noqa: E402
+from i2vedit_core.backends import comfy_lora  # noqa: E402
+from i2vedit_core.lora import LoraSpec  # noqa: E402
+from i2vedit_core.training import TrainingSettings, training_step  # noqa: E402
+
+FULL = dict(hw=(512, 896), frames=14, context=1024)
+TINY = dict(hw=(64, 64), frames=14, context=builders.TINY_CONTEXT)
+
+
+def median(values):
+    return sorted(values)[len(values) // 2]
+
+
+def timed_steps(step, steps):
+    times = []
+    for i in range(steps + 2):
+        floors.sync()
+        start = time.perf_counter()
+        step()
+        floors.sync()
+        times.append(time.perf_counter() - start)
+    return median(times[2:])
+
+
+def profiled(step):
+    """(wall ms, summed kernel ms, {kernel name: ms}) of one step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    floors.sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        step()
+        floors.sync()
+        wall = time.perf_counter() - start
+    kernels = defaultdict(float)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.name[:90]] += event.device_time_total / 1e3 if hasattr(event, "device_time_total") \
+                else event.cuda_time_total / 1e3
+    return wall * 1e3, sum(kernels.values()), kernels
+
+
+def forward_before(self, x, *args, **kwargs):
+    """comfy_lora.LoraForward.__call__ before the fused kernel (commit 4238593)."""
+    out = type(self.module).forward(self.module, x, *args, **kwargs)
+    scale, slot = comfy_lora.current_call(self.state)
+    if scale == 0:
+        return out
+    down, up = self.state.pair(self.path, slot)
+    if down is None:
+        return out
+    dtype = x.dtype
+    delta = F.linear(F.linear(x.to(dtype), down.to(dtype)), up.to(dtype))
+    if self.state.dropout_active and self.state.spec.dropout > 0:
+        delta = F.dropout(delta, self.state.spec.dropout, training=True)
+    return out + (delta * scale).to(out.dtype)
+
+
+class Variant:
+    """Patches for one timed variant of the pack's step (undone on exit)."""
+
+    def __init__(self, fused=True, before=False):
+        self.fused, self.before = fused, before
+
+    def __enter__(self):
+        self.saved = (branch_dropout.fused_runs_on, comfy_lora.LoraForward.__call__)
+        if not self.fused:
+            branch_dropout.fused_runs_on = lambda base, branch: False
+        if self.before:
+            comfy_lora.LoraForward.__call__ = forward_before
+
+    def __exit__(self, *exc):
+        branch_dropout.fused_runs_on, comfy_lora.LoraForward.__call__ = self.saved
+
+
+def pack_step(backend, z0, cond, spec, settings):
+    backend.attach_lora(spec, torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(backend.lora_parameters(), lr=settings.learning_rate,
+                                  weight_decay=settings.weight_decay)
+    gen = torch.Generator().manual_seed(0)
+    return lambda: training_step(backend.denoise, optimizer, z0, cond, 0.7, settings, gen)
+
+
+def floor_step(model, size):
+    """floors.comfy_floors' training step, on a fresh clone of `model`."""
+    import comfy.model_management as mm
+
+    (height, width), n, context = size["hw"], size["frames"], size["context"]
+    lora = model.clone()
+    params = floors._bare_lora(lora)
+    mm.load_models_gpu([lora])
+    base, device = lora.model, lora.load_device
+    shape = (n, 4, height // 8, width // 8)
+    adm = base.encode_adm(fps=6.0, motion_bucket_id=127.0, augmentation_level=0.02).to(device)
+    x, sigma = torch.randn(shape, device=device), torch.full((n,), 0.7, device=device)
+    c = dict(c_concat=torch.randn(shape, device=device), c_crossattn=torch.randn(n, 1, context, device=device),
+             y=adm.repeat(n, 1), num_video_frames=n)
+    target = torch.randn(shape, device=device)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            v = base.apply_model(x, sigma, **c)
+        floors._adamw_step((v.float() - target).pow(2).mean(), optimizer)
+    return step
+
+
+def kernel_differences(emit, name, pack_k, floor_k, top):
+    diff = sorted(set(floor_k) | set(pack_k), key=lambda k: -abs(pack_k.get(k, 0) - floor_k.get(k, 0)))
+    emit(f"\n| kernel | {name} ms | floor ms | difference |\n|---|---|---|---|")
+    for k in diff[:top]:
+        emit(f"| `{k}` | {pack_k.get(k, 0):.1f} | {floor_k.get(k, 0):.1f} | {pack_k.get(k, 0) - floor_k.get(k, 0):+.1f} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--comfyui", required=True)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (smoke run)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    def emit(text):
+        print(text, flush=True)
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            with open(Path(args.out) / "step_profile.md", "a") as f:
+                f.write(text + "\n")
+
+    builders.setup_comfyui(args.comfyui, cpu=args.tiny)
+    import comfy.model_management as mm
+
+    size = TINY if args.tiny else FULL
+    device_name = "CPU (tiny models)" if args.tiny else torch.cuda.get_device_name()
+    emit(f"# {device_name}, torch {torch.__version__}: ComfyUI training step, pack vs floor")
+    torch.manual_seed(0)
+    if args.tiny:
+        modules = builders.tiny_modules(full_vae=True)
+        parts = builders.comfy_parts(modules, **builders.TINY_COMFY)
+    else:
+        modules = builders.diffusers_modules("cuda", size["frames"])
+        parts = builders.comfy_parts(modules)
+    for m in modules:
+        m.to("cpu")
+    del modules
+    backend = builders.comfy_backend(parts)
+    z0, cond = inputs(backend, size["frames"], size["hw"], size["context"])
+    settings = TrainingSettings()
+
+    steps = {"floor (bare LoRA)": floor_step(parts["model"], size)}
+    floor_ms = timed_steps(steps["floor (bare LoRA)"], args.steps) * 1e3
+    emit(f"\n| step | ms | x floor | peak GiB |\n|---|---|---|---|\n| floor (bare LoRA) | {floor_ms:.0f} | 1.00 | |")
+    profiles = {"floor (bare LoRA)": profiled(steps["floor (bare LoRA)"])}
+    mm.load_models_gpu([backend.patcher])
+    variants = (("pack", LoraSpec(), Variant()), ("pack, unfused dropout", LoraSpec(), Variant(fused=False)),
+                ("pack, before", LoraSpec(), Variant(fused=False, before=True)),
+                ("pack, dropout 0", LoraSpec(dropout=0.0), Variant()))
+    with torch.random.fork_rng(devices=[backend.device] if backend.device.type == "cuda" else []), backend.lora_training(False):
+        for name, spec, variant in variants:
+            with variant:
+                steps[name] = pack_step(backend, z0, cond, spec, settings)
+                if torch.cuda.is_available():
+                    torch.cuda.reset_peak_memory_stats()
+                ms = timed_steps(steps[name], args.steps) * 1e3
+                peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else float("nan")
+                emit(f"| {name} | {ms:.0f} | {ms / floor_ms:.2f} | {peak:.1f} |")
+                if name in ("pack", "pack, before"):
+                    profiles[name] = profiled(steps[name])
+            backend.detach_lora()
+
+    emit("\n| profiled step | wall ms | GPU kernel ms | GPU waiting ms |\n|---|---|---|---|")
+    for name, (wall, busy, _) in profiles.items():
+        emit(f"| {name} | {wall:.0f} | {busy:.0f} | {wall - busy:.0f} |")
+    for name in ("pack", "pack, before"):
+        kernel_differences(emit, name, profiles[name][2], profiles["floor (bare LoRA)"][2], args.top)
+    pack_k = profiles["pack"][2]
+    emit("\n| pack's largest kernels | ms |\n|---|---|")
+    for k in sorted(pack_k, key=lambda k: -pack_k[k])[:args.top]:
+        emit(f"| `{k}` | {pack_k[k]:.1f} |")
+    backend.release()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""base + dropout(branch) (branch_dropout.py): the fused Triton kernel against its definition, and the
+unfused form elsewhere.
+
+The kernel keeps no mask: backward draws it again from the forward's seed. What would go wrong, and where
+it shows: a backward mask that differs from the forward's (the gradient check against the mask read off
+the forward output), a wrong keep rate or scale (the forward check), quarters of a program sharing random
+numbers (the quarters check), a seed a checkpointed recomputation does not redraw (the checkpoint check).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from i2vedit_core import branch_dropout
+
+
+def test_unfused_form_is_base_plus_dropout_of_the_branch():
+    base, branch = torch.randn(2, 7, 16), torch.randn(2, 7, 16)
+    torch.manual_seed(3)
+    out = branch_dropout.add_dropped(base, branch, 0.25)
+    torch.manual_seed(3)
+    torch.testing.assert_close(out, base + F.dropout(branch, 0.25, training=True), rtol=0, atol=0)
+    torch.testing.assert_close(branch_dropout.add_dropped(base, branch, 0.0), base + branch, rtol=0, atol=0)
+    assert not branch_dropout.fused_runs_on(base, branch) or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def test_unfused_form_keeps_the_base_dtype():
+    base, branch = torch.randn(4, 8, dtype=torch.float16), torch.randn(4, 8)
+    assert branch_dropout.add_dropped(base, branch, 0.5).dtype == torch.float16
+
+
+_INTERPRETED_CHECK = """
+import json, torch
+from torch.utils.checkpoint import checkpoint
+from i2vedit_core import branch_dropout as bd
+g = torch.Generator().manual_seed(0)
+n = 3 * 4 * bd.QUARTER + 77  # a partial last program
+res = {}
+for dtype in (torch.float32, torch.float16):
+    base = torch.zeros(n, dtype=dtype, requires_grad=True)  # zero: kept elements are the nonzero outputs
+    branch = torch.randn(n, generator=g).to(dtype).requires_grad_()
+    assert bd.fused_runs_on(base, branch)
+    torch.manual_seed(5)
+    out = bd.add_dropped(base, branch, 0.1)
+    kept = out.detach() != 0
+    grad = torch.randn(n, generator=g).to(dtype)
+    out.backward(grad)
+    torch.manual_seed(5)
+    again = bd.add_dropped(base.detach(), branch.detach(), 0.1)
+    other = bd.add_dropped(base.detach(), branch.detach(), 0.1)
+    res[str(dtype)] = dict(
+        kept=float(kept.float().mean()), dtype=str(out.dtype), grad_dtype=str(branch.grad.dtype),
+        forward=float((out.detach().float() - torch.where(kept, branch.detach().float() / 0.9, 0.0)).abs().max()),
+        grad_base=float((base.grad.float() - grad.float()).abs().max()),
+        grad_branch=float((branch.grad.float() - torch.where(kept, grad.float() / 0.9, 0.0)).abs().max()),
+        same_seed_same_mask=bool(torch.equal(again, out.detach())), next_call_differs=not torch.equal(other, again))
+q = kept[: 4 * bd.QUARTER].view(4, bd.QUARTER)
+res["quarters_differ"] = all(not torch.equal(q[i], q[j]) for i in range(4) for j in range(i + 1, 4))
+x = torch.randn(5000, generator=g, requires_grad=True)
+loss = lambda x: bd.add_dropped(x * 2, x * 3, 0.3).pow(2).sum()
+torch.manual_seed(9)
+loss(x).backward()
+plain, x.grad = x.grad.clone(), None
+torch.manual_seed(9)
+checkpoint(loss, x, use_reentrant=False).backward()
+res["checkpoint_grad_diff"] = float((x.grad - plain).abs().max())
+res["dropped_something"] = float((plain - 26 * x.detach() / 0.7 ** 2).abs().max())
+print(json.dumps(res))
+"""
+
+
+def test_fused_kernel_under_interpreter():
+    """The CUDA kernel's numerics on the CPU: triton is imported with TRITON_INTERPRET=1 set, hence a
+    fresh interpreter process (as the row-distance kernel's test)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.getcwd())
+    done = subprocess.run([sys.executable, "-c", _INTERPRETED_CHECK], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads(done.stdout.strip().splitlines()[-1])
+    for dtype, tol in (("torch.float32", 1e-6), ("torch.float16", 2e-3)):
+        r = res[dtype]
+        assert abs(r["kept"] - 0.9) < 0.02, r  # 12365 elements: 7 standard deviations
+        assert r["dtype"] == r["grad_dtype"] == dtype
+        assert r["forward"] < tol and r["grad_branch"] < tol and r["grad_base"] == 0.0, r
+        assert r["same_seed_same_mask"] and r["next_call_differs"], r
+    assert res["quarters_differ"]
+    assert res["checkpoint_grad_diff"] == 0.0  # the recomputation redrew the forward's mask
+    assert res["dropped_something"] > 1.0  # the loss really saw a mask
