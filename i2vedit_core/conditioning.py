@@ -30,7 +30,7 @@ def frame_conditioning(backend: SVDBackend, frame: torch.Tensor, num_frames: int
     unscaled, repeated over the frames.
     """
     embeds = backend.image_embedding(frame[None])
-    noise = _randn(frame.shape, generator, frame.device)
+    noise = host_randn(frame.shape, generator, frame.device)
     latent = backend.encode((frame + micro.noise_aug_strength * noise)[None]) / backend.latent_scale
     return latent_conditioning(embeds, latent, num_frames, micro)
 
@@ -50,7 +50,7 @@ def official_inversion_conditioning(backend: SVDBackend, first: torch.Tensor, ke
     1.., one shared draw of pixel noise for both (OFFICIAL_CODE_NOTES §3)."""
     first, key = eight_bit(first), eight_bit(key)
     embeds = backend.image_embedding(first[None])
-    noise = micro.noise_aug_strength * _randn(first.shape, generator, first.device)
+    noise = micro.noise_aug_strength * host_randn(first.shape, generator, first.device)
     latents = backend.encode(torch.stack([first + noise, key + noise])) / backend.latent_scale
     image_latents = torch.cat([latents[1:2, None], latents[0:1, None].expand(-1, num_frames - 1, -1, -1, -1)], dim=1)
     return Conditioning(state_float(embeds[:, None]), state_float(image_latents), micro.time_ids(first.device))
@@ -66,10 +66,16 @@ def latent_conditioning(embeds: torch.Tensor, latent: torch.Tensor, num_frames: 
 def with_latent_noise(cond: Conditioning, strength: float, generator: Optional[torch.Generator] = None) -> Conditioning:
     """Add `strength` Gaussian noise in latent space to the conditioning latent (one draw, all frames)."""
     first = cond.image_latents[:, :1]
-    noisy = first + strength * _randn(first.shape, generator, first.device).to(first.dtype)  # scaled in the latent's precision
+    noisy = first + strength * host_randn(first.shape, generator, first.device).to(first.dtype)  # scaled in the latent's precision
     return Conditioning(cond.image_embeds, noisy.expand_as(cond.image_latents).contiguous(), cond.time_ids)
 
 
-def _randn(shape, generator: Optional[torch.Generator], device) -> torch.Tensor:
-    """Drawn on the CPU (a CPU generator, as ComfyUI's), then moved: a seed gives the same noise on any device."""
-    return torch.randn(shape, generator=generator).to(device)
+def host_randn(shape, generator: Optional[torch.Generator], device) -> torch.Tensor:
+    """Drawn on the CPU (a CPU generator, as ComfyUI's), then moved: a seed gives the same noise on any device.
+
+    To a GPU through pinned memory, without blocking: a copy from pageable memory makes the host wait until
+    the GPU has finished everything queued before it, a stall at every training or editing step."""
+    noise = torch.randn(shape, generator=generator)
+    if torch.device(device).type != "cuda":
+        return noise.to(device)
+    return noise.pin_memory().to(device, non_blocking=True)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .backends.base import Conditioning
-from .conditioning import MicroConditioning, latent_conditioning, with_latent_noise
+from .conditioning import MicroConditioning, host_randn, latent_conditioning, with_latent_noise
 from .frames import SIZE_MULTIPLE, as_frame_batch
 from .lora import LoraSpec, MotionLora, clip_fingerprint
 from .schedule import SIGMA_MAX, SIGMA_MIN
@@ -143,7 +143,13 @@ def training_step(denoise: Callable[..., torch.Tensor], optimizer: torch.optim.O
 
     denoise(x, sigma, cond, lora_scale=...): `backend.denoise`, or a skip-interval denoiser.
     """
-    noise = torch.randn(z0.shape, generator=generator).to(z0.device)
+    return float(queue_training_step(denoise, optimizer, z0, cond, sigma, settings, generator))
+
+
+def queue_training_step(denoise, optimizer, z0, cond, sigma, settings, generator) -> torch.Tensor:
+    """`training_step` without waiting for it: the loss stays a tensor on the device (reading it makes the
+    host wait for the GPU to finish the step, and the GPU then idles while the host queues the next one)."""
+    noise = host_randn(z0.shape, generator, z0.device)
     noisy_cond = with_latent_noise(cond, settings.cond_noise, generator)
     use_bf16 = settings.mixed_precision and z0.device.type == "cuda"
     with torch.enable_grad(), torch.autocast(z0.device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -152,7 +158,7 @@ def training_step(denoise: Callable[..., torch.Tensor], optimizer: torch.optim.O
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return loss.detach()
 
 
 def train_motion_lora(backend, frames: torch.Tensor, settings: TrainingSettings = TrainingSettings(),
@@ -160,7 +166,8 @@ def train_motion_lora(backend, frames: torch.Tensor, settings: TrainingSettings 
                       clip0=None) -> TrainingResult:
     """Train a fresh motion LoRA on one source clip (T, 3, H, W) in [-1, 1].
 
-    progress: called after every step with {"step", "steps", "loss", "sigma"}. cancel: checked before
+    progress: called for every step with {"step", "steps", "loss", "sigma"}, once the next step is queued (the
+    last after it: reading the loss waits for the GPU). cancel: checked before
     every step; a true result raises TrainingCancelled (so may an exception from either callable).
     clip0: for clips >= 1 with skip-interval, the Inversion of source clip 0 at the training resolution.
     On success the backend keeps the trained adapter attached; on any error it is detached.
@@ -233,8 +240,15 @@ def _run_steps(backend, denoise, z0, cond, settings, generator, progress, cancel
 
         def one_step():
             sigma = sample_sigma(settings, generator)
-            return sigma, training_step(denoise, optimizer, z0, cond, sigma, settings, generator)
+            return sigma, queue_training_step(denoise, optimizer, z0, cond, sigma, settings, generator)
 
+        def report(step, sigma, loss):
+            losses.append(float(loss))
+            sigmas.append(sigma)
+            if progress is not None:
+                progress({"step": step, "steps": settings.steps, "loss": losses[-1], "sigma": sigma})
+
+        queued = None  # the step before: its loss is read once the next step is queued, so the GPU never idles
         for step in range(settings.steps):
             if cancel is not None and cancel():
                 raise TrainingCancelled(f"motion LoRA training cancelled at step {step} of {settings.steps}")
@@ -243,10 +257,10 @@ def _run_steps(backend, denoise, z0, cond, settings, generator, progress, cancel
                                                    settings.seed)
             else:
                 sigma, loss = one_step()
-            losses.append(loss)
-            sigmas.append(sigma)
-            if progress is not None:
-                progress({"step": step, "steps": settings.steps, "loss": loss, "sigma": sigma})
+            if queued is not None:
+                report(*queued)
+            queued = (step, sigma, loss)
+        report(*queued)
     return losses, sigmas, time.perf_counter() - start
 
 

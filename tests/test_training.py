@@ -78,8 +78,9 @@ def test_training_lowers_the_loss(frames):
 
 def test_training_is_bit_reproducible_and_leaves_global_rng_alone(frames):
     settings = TrainingSettings(steps=4, learning_rate=1e-2, seed=7)
+    backend = tiny_backend(seed=0)  # building it seeds the global RNG: capture the state after
     rng = torch.get_rng_state()
-    first = train_motion_lora(tiny_backend(seed=0), frames, settings)
+    first = train_motion_lora(backend, frames, settings)
     assert torch.equal(torch.get_rng_state(), rng)
     second = train_motion_lora(tiny_backend(seed=0), frames, settings)
     assert first.losses == second.losses and first.sigmas == second.sigmas
@@ -104,6 +105,25 @@ def test_cancel_stops_training_and_removes_the_adapter(frames):
     with pytest.raises(TrainingCancelled, match="cancelled at step 2 of 50"):
         train_motion_lora(backend, frames, TrainingSettings(steps=50, seed=0), cancel=cancel)
     assert len(calls) == 3 and not diffusers_lora.lora_layers(backend.unet)
+
+
+def test_a_step_is_queued_before_the_previous_loss_is_read(frames):
+    """The host reads step k's loss (which waits for the GPU) only after step k + 1 is queued: otherwise the
+    GPU idles between steps while the host prepares the next one."""
+    backend = tiny_backend(seed=0)
+    events = []
+    denoise = backend.denoise
+
+    def recording_denoise(*args, **kwargs):
+        events.append("denoise")
+        return denoise(*args, **kwargs)
+
+    backend.denoise = recording_denoise
+    result = train_motion_lora(backend, frames, TrainingSettings(steps=3, seed=0),
+                               progress=lambda p: events.append(f"loss {p['step']}"))
+    assert events == ["denoise", "denoise", "loss 0", "denoise", "loss 1", "loss 2"]
+    assert len(result.losses) == 3 and all(isinstance(x, float) for x in result.losses)
+    backend.detach_lora()
 
 
 def test_attn1_only_trains_only_attn1(frames):

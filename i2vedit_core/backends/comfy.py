@@ -152,11 +152,13 @@ class ComfyBackend:
         return flat, inputs
 
     def adm(self, time_ids: torch.Tensor) -> torch.Tensor:
-        """SVD's `y` vector (B, 768) from time ids [fps_id, motion_bucket_id, noise_aug] per video."""
-        model = self.patcher.model
-        rows = [model.encode_adm(fps=float(fps_id) + 1, motion_bucket_id=float(motion), augmentation_level=float(aug))
-                for fps_id, motion, aug in time_ids.detach().cpu().double().tolist()]
-        return torch.cat(rows).to(self.device, torch.float32)
+        """SVD's `y` vector (B, 768) from time ids [fps_id, motion_bucket_id, noise_aug] per video: what
+        `encode_adm` builds (its Timestep embedder on each id, concatenated), computed where the ids are.
+        encode_adm takes Python numbers, and reading them from the GPU would make the host wait for the
+        GPU's queue at every UNet call."""
+        ids = time_ids.detach().to(self.device, torch.float32)
+        embed = self.patcher.model.embedder
+        return torch.cat([embed(ids[:, i]) for i in range(3)], dim=1).float()
 
     # --- motion LoRA (`LoraBackend`): activation-space adapters on the clone (comfy_lora.py) -----
 

@@ -84,11 +84,11 @@ def attach_lora(unet, spec: LoraSpec, generator: Optional[torch.Generator] = Non
     config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0, init_lora_weights=False,
                         target_modules=target_regex(spec))
     device = next(unet.parameters()).device
-    # peft draws its own init from the global RNG; fork it so attaching has no effect on other code.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        inject_adapter_in_model(config, unet, adapter_name=ADAPTER)
     generator = lora_generator(generator)
-    with torch.no_grad():
+    # peft and nn.Linear draw their own init from the global RNG (overwritten below); fork it so attaching
+    # has no effect on other code.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        inject_adapter_in_model(config, unet, adapter_name=ADAPTER)
         for layer in lora_layers(unet).values():
             down = layer.lora_A[ADAPTER] = OutputDropoutLinear(layer.in_features, spec.rank).to(layer.weight.device)
             up = layer.lora_B[ADAPTER] = OutputDropoutLinear(spec.rank, layer.out_features, spec.dropout)
