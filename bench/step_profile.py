@@ -33,7 +33,7 @@ from compile_step import inputs  # noqa: E402
 from i2vedit_core import branch_dropout  # noqa: E402
 from i2vedit_core.backends import comfy_lora  # noqa: E402
 from i2vedit_core.lora import LoraSpec  # noqa: E402
-from i2vedit_core.training import TrainingSettings, training_step  # noqa: E402
+from i2vedit_core.training import TrainingSettings, queue_training_step  # noqa: E402
 
 FULL = dict(hw=(512, 896), frames=14, context=1024)
 TINY = dict(hw=(64, 64), frames=14, context=builders.TINY_CONTEXT)
@@ -44,14 +44,18 @@ def median(values):
 
 
 def timed_steps(step, steps):
-    times = []
+    """(median wall seconds, median host seconds) per step: host = until the step is queued, wall = until
+    the GPU has run it. Host close to wall: the GPU waits for the host."""
+    walls, hosts = [], []
     for i in range(steps + 2):
         floors.sync()
         start = time.perf_counter()
         step()
+        queued = time.perf_counter()
         floors.sync()
-        times.append(time.perf_counter() - start)
-    return median(times[2:])
+        walls.append(time.perf_counter() - start)
+        hosts.append(queued - start)
+    return median(walls[2:]), median(hosts[2:])
 
 
 def profiled(step):
@@ -111,7 +115,7 @@ def pack_step(backend, z0, cond, spec, settings):
     optimizer = torch.optim.AdamW(backend.lora_parameters(), lr=settings.learning_rate,
                                   weight_decay=settings.weight_decay)
     gen = torch.Generator().manual_seed(0)
-    return lambda: training_step(backend.denoise, optimizer, z0, cond, 0.7, settings, gen)
+    return lambda: queue_training_step(backend.denoise, optimizer, z0, cond, 0.7, settings, gen)
 
 
 def floor_step(model, size):
@@ -135,7 +139,16 @@ def floor_step(model, size):
         with torch.autocast(device.type, dtype=torch.bfloat16):
             v = base.apply_model(x, sigma, **c)
         floors._adamw_step((v.float() - target).pow(2).mean(), optimizer)
+    step.patcher = lora  # load it again to run the step after another model ran
     return step
+
+
+def time_variant(emit, name, step, steps, floor_ms):
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    wall, host = timed_steps(step, steps)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else float("nan")
+    emit(f"| {name} | {wall * 1e3:.0f} | {wall * 1e3 / floor_ms:.2f} | {host * 1e3:.0f} | {peak:.1f} |")
 
 
 def kernel_differences(emit, name, pack_k, floor_k, top):
@@ -150,6 +163,8 @@ def main():
     parser.add_argument("--comfyui", required=True)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--checkpointing", choices=("0", "3", "all"), default="0",
+                        help="the pack's steps recompute 0 levels (fast tier), 3 (24gb) or all (12gb)")
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (smoke run)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -182,25 +197,35 @@ def main():
     settings = TrainingSettings()
 
     steps = {"floor (bare LoRA)": floor_step(parts["model"], size)}
-    floor_ms = timed_steps(steps["floor (bare LoRA)"], args.steps) * 1e3
-    emit(f"\n| step | ms | x floor | peak GiB |\n|---|---|---|---|\n| floor (bare LoRA) | {floor_ms:.0f} | 1.00 | |")
-    profiles = {"floor (bare LoRA)": profiled(steps["floor (bare LoRA)"])}
+    floor_s, floor_host = timed_steps(steps["floor (bare LoRA)"], args.steps)
+    floor_ms = floor_s * 1e3
+    emit(f"\npack steps with checkpointing {args.checkpointing}; the floor never checkpoints\n\n"
+         f"| step | ms | x floor | host ms | peak GiB |\n|---|---|---|---|---|\n"
+         f"| floor (bare LoRA) | {floor_ms:.0f} | 1.00 | {floor_host * 1e3:.0f} | |")
     mm.load_models_gpu([backend.patcher])
     variants = (("pack", LoraSpec(), Variant()), ("pack, unfused dropout", LoraSpec(), Variant(fused=False)),
                 ("pack, before", LoraSpec(), Variant(fused=False, before=True)),
                 ("pack, dropout 0", LoraSpec(dropout=0.0), Variant()))
-    with torch.random.fork_rng(devices=[backend.device] if backend.device.type == "cuda" else []), backend.lora_training(False):
-        for name, spec, variant in variants:
-            with variant:
-                steps[name] = pack_step(backend, z0, cond, spec, settings)
-                if torch.cuda.is_available():
-                    torch.cuda.reset_peak_memory_stats()
-                ms = timed_steps(steps[name], args.steps) * 1e3
-                peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else float("nan")
-                emit(f"| {name} | {ms:.0f} | {ms / floor_ms:.2f} | {peak:.1f} |")
-                if name in ("pack", "pack, before"):
-                    profiles[name] = profiled(steps[name])
-            backend.detach_lora()
+    profiles = {}
+    checkpointing = {"0": False, "3": 3, "all": True}[args.checkpointing]
+    # Every timing first, the profiles after: a profiler session can slow the steps that follow it.
+    for profiling in (False, True):
+        if profiling:
+            mm.load_models_gpu([steps["floor (bare LoRA)"].patcher])  # swaps the pack's patches for the floor's
+            profiles["floor (bare LoRA)"] = profiled(steps["floor (bare LoRA)"])
+            mm.load_models_gpu([backend.patcher])
+        with torch.random.fork_rng(devices=[backend.device] if backend.device.type == "cuda" else []), \
+                backend.lora_training(checkpointing):
+            for name, spec, variant in variants:
+                if profiling and name not in ("pack", "pack, before"):
+                    continue
+                with variant:
+                    step = pack_step(backend, z0, cond, spec, settings)
+                    if profiling:
+                        profiles[name] = profiled(step)
+                    else:
+                        time_variant(emit, name, step, args.steps, floor_ms)
+                backend.detach_lora()
 
     emit("\n| profiled step | wall ms | GPU kernel ms | GPU waiting ms |\n|---|---|---|---|")
     for name, (wall, busy, _) in profiles.items():
