@@ -13,6 +13,8 @@ inductor fuses F.dropout itself) it is base + F.dropout(branch). Runs on CPU ten
 TRITON_INTERPRET=1 (how the tests check it). docs/PERFORMANCE.md has the measured effect.
 """
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -32,7 +34,7 @@ def add_dropped(base: torch.Tensor, branch: torch.Tensor, p: float) -> torch.Ten
         return base + branch.to(base.dtype)
     if not fused_runs_on(base, branch):
         return base + F.dropout(branch, p, training=True).to(base.dtype)
-    seed = int(torch.randint(SEED_RANGE, (), dtype=torch.int64))
+    seed = int(torch.randint(SEED_RANGE, (), dtype=torch.int64, device="cpu"))  # never a GPU read
     return _AddDropped.apply(base, branch, float(p), seed)
 
 
@@ -59,7 +61,10 @@ class _AddDropped(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernel's output has no graph: no silent zero 2nd order
     def backward(ctx, grad):
+        if not ctx.needs_input_grad[1]:
+            return grad, None, None, None
         grad = grad.contiguous()
         grad_branch = torch.empty(grad.shape, dtype=ctx.branch_dtype, device=grad.device)
         _launch(_dropped_grad_kernel, grad, grad, grad_branch, ctx.p, ctx.seed)
@@ -69,7 +74,9 @@ class _AddDropped(torch.autograd.Function):
 def _launch(kernel, first, second, out, p, seed):
     n = out.numel()
     grid = (triton.cdiv(n, 4 * QUARTER),)
-    kernel[grid](first, second, out, n, p, 1.0 / (1.0 - p), seed, QUARTER=QUARTER)
+    # Triton launches on the current device: the tensors' own (a model on another GPU than the current one)
+    with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
+        kernel[grid](first, second, out, n, p, 1.0 / (1.0 - p), seed, QUARTER=QUARTER)
 
 
 if triton is not None:
@@ -89,7 +96,7 @@ if triton is not None:
         out = base + tl.where(keep, branch * scale, 0.0)
         tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=inside)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seed"])  # a new seed per call: no recompile on its value
     def _add_dropped_kernel(base_ptr, branch_ptr, out_ptr, n, p, scale, seed, QUARTER: tl.constexpr):
         k0, k1, k2, k3 = _keeps(seed, p, QUARTER)
         start = tl.program_id(0).to(tl.int64) * 4 * QUARTER
@@ -105,7 +112,7 @@ if triton is not None:
         grad = tl.load(grad_ptr + offsets, mask=inside).to(tl.float32)
         tl.store(out_ptr + offsets, tl.where(keep, grad * scale, 0.0).to(out_ptr.dtype.element_ty), mask=inside)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seed"])
     def _dropped_grad_kernel(grad_ptr, unused_ptr, out_ptr, n, p, scale, seed, QUARTER: tl.constexpr):
         """d out / d branch: the forward's mask, drawn again from its seed, times 1 / (1 - p)."""
         k0, k1, k2, k3 = _keeps(seed, p, QUARTER)

@@ -55,9 +55,9 @@ def test_denoiser_matches_diffusers(comfy_backend, diffusers_backend, cond, sigm
     assert relative(got[1], expected[1]) < 1e-4
 
 
-def test_adm_is_encode_adms_vector_computed_on_the_device(comfy_backend, comfy_parts):
-    """`adm` builds SVD's y from the time ids where they are (no read back to the host): the same vector as
-    ComfyUI's encode_adm from Python numbers."""
+def test_adm_is_encode_adms_vector(comfy_backend, comfy_parts):
+    """`adm` builds SVD's y with tensor operations on the time ids (on a GPU: no read back to the host): the
+    same vector as ComfyUI's encode_adm from Python numbers."""
     ids = torch.tensor([[6.0, 127.0, 0.02], [3.0, 40.0, 0.5]])
     model = comfy_parts["model"].model
     expected = torch.cat([model.encode_adm(fps=f + 1, motion_bucket_id=m, augmentation_level=a)
