@@ -14,6 +14,7 @@ TRITON_INTERPRET=1 (how the tests check it). docs/PERFORMANCE.md has the measure
 """
 
 import contextlib
+import os
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ try:
 except ImportError:  # optional at run time: the unfused form below
     triton = None
 
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read once, as Triton does at import
 QUARTER = 1024  # a program covers 4 x QUARTER elements: one Philox draw gives 4 random numbers
 SEED_RANGE = 2 ** 31 - 1
 
@@ -41,14 +43,8 @@ def add_dropped(base: torch.Tensor, branch: torch.Tensor, p: float) -> torch.Ten
 def fused_runs_on(base: torch.Tensor, branch: torch.Tensor) -> bool:
     if torch.compiler.is_compiling() or triton is None:
         return False
-    return (base.shape == branch.shape and base.device == branch.device and (base.is_cuda or _interpreted())
+    return (base.shape == branch.shape and base.device == branch.device and (base.is_cuda or INTERPRETED)
             and base.is_floating_point() and branch.is_floating_point())
-
-
-def _interpreted() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class _AddDropped(torch.autograd.Function):

@@ -131,7 +131,9 @@ class ComfyBackend:
             chunks = comfy_attention.chunks_for(attention.rows)
         self.load(x.shape)
         if comfy_training.trainable_now():
-            comfy_training.replace_inference_tensors(self.patcher.model, self.checkpointing.swapped)
+            model = self.patcher.model
+            comfy_training.replace_inference_tensors(model, self.checkpointing.swapped,
+                                                     self.checkpointing.tensor_slots(model))
         flat, inputs = self._unet_inputs(x, cond)
         sigmas = torch.full((flat.shape[0],), float(sigma), dtype=torch.float32, device=self.device)
         options = denoise_transformer_options(self.patcher, chunks, sigmas)

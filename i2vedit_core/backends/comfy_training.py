@@ -16,12 +16,12 @@ object-patched forwards that checkpoint only while their resolution level is swi
 """
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, List, Tuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..memory import checkpointed_levels
+from ..memory import CHECKPOINT_DETERMINISM_CHECK, checkpointed_levels
 from . import comfy_lora
 from .comfy_attention import level_of
 
@@ -37,6 +37,13 @@ class Switch:
         self.levels = frozenset()
         self.lora = lora
         self.swapped = {}
+        self._slots = None
+
+    def tensor_slots(self, model: torch.nn.Module) -> List[Tuple[str, torch.nn.Module, str, bool]]:
+        """`tensor_slots(model)`, listed once: the model's structure does not change while it is trained."""
+        if self._slots is None:
+            self._slots = tensor_slots(model)
+        return self._slots
 
 
 class CheckpointedForward:
@@ -50,7 +57,7 @@ class CheckpointedForward:
         if self.level in self.switch.levels and torch.is_grad_enabled():
             lora = self.switch.lora
             return checkpoint(recompute_with(forward, lora, comfy_lora.current_call(lora)), self.module, *args,
-                              use_reentrant=False, **kwargs)
+                              use_reentrant=False, determinism_check=CHECKPOINT_DETERMINISM_CHECK, **kwargs)
         return forward(self.module, *args, **kwargs)
 
 
@@ -76,7 +83,20 @@ def trainable_now() -> bool:
     return torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
 
 
-def replace_inference_tensors(model: torch.nn.Module, swapped: dict) -> int:
+def tensor_slots(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Module, str, bool]]:
+    """(qualified name, owning module, attribute, is a parameter) of each distinct parameter and buffer: a flat
+    list, so that the check at every training step is one loop, not a walk of the UNet's ~2000 modules."""
+    slots, seen = [], set()
+    for path, module in model.named_modules():
+        for kind, tensors in ((True, module._parameters), (False, module._buffers)):
+            for attr, tensor in tensors.items():
+                if tensor is not None and id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    slots.append((f"{path}.{attr}" if path else attr, module, attr, kind))
+    return slots
+
+
+def replace_inference_tensors(model: torch.nn.Module, swapped: dict, slots=None) -> int:
     """Swap inference-tensor parameters and buffers of `model` for normal clones, recording the originals
     in `swapped` (put back by `restore_inference_tensors`); returns how many were swapped now.
 
@@ -89,15 +109,11 @@ def replace_inference_tensors(model: torch.nn.Module, swapped: dict) -> int:
     import comfy.utils
 
     count = 0
-    for name, p in list(model.named_parameters()):
-        if p.is_inference():
-            swapped.setdefault(name, p)
-            comfy.utils.set_attr_param(model, name, p.clone())
-            count += 1
-    for name, b in list(model.named_buffers()):
-        if b.is_inference():
-            swapped.setdefault(name, b)
-            comfy.utils.set_attr(model, name, b.clone())
+    for name, module, attr, is_parameter in tensor_slots(model) if slots is None else slots:
+        tensor = getattr(module, attr)
+        if tensor is not None and tensor.is_inference():
+            swapped.setdefault(name, tensor)
+            (comfy.utils.set_attr_param if is_parameter else comfy.utils.set_attr)(model, name, tensor.clone())
             count += 1
     return count
 

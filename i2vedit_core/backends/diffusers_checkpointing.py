@@ -4,7 +4,7 @@ names (the ComfyUI backend checkpoints the same ones, comfy_training.py)."""
 from contextlib import contextmanager
 from typing import Dict
 
-from ..memory import checkpointed_levels
+from ..memory import CHECKPOINT_DETERMINISM_CHECK, checkpointed_levels
 
 
 @contextmanager
@@ -64,7 +64,7 @@ def _checkpointed(module, forward, checkpoint):
                 for m, p in zip(attentions, current):
                     m.processor = p
 
-        return checkpoint(run, *args, use_reentrant=False, **kwargs)
+        return checkpoint(run, *args, use_reentrant=False, determinism_check=CHECKPOINT_DETERMINISM_CHECK, **kwargs)
 
     return call
 

@@ -144,7 +144,7 @@ def _train(backend, checkpointing: bool):
 def test_training_fails_without_replacing_inference_tensors(inference_backend, monkeypatch):
     from i2vedit_core.backends import comfy_training
 
-    monkeypatch.setattr(comfy_training, "replace_inference_tensors", lambda model, swapped: 0)
+    monkeypatch.setattr(comfy_training, "replace_inference_tensors", lambda model, swapped, slots=None: 0)
     with pytest.raises(RuntimeError, match="[Ii]nference tensors"):
         _train(inference_backend, False)
     assert inference_backend.lora.spec is None  # train_motion_lora detaches on error
