@@ -52,7 +52,7 @@ class _AddDropped(torch.autograd.Function):
     def forward(ctx, base, branch, p, seed):
         base, branch = base.contiguous(), branch.contiguous()
         out = torch.empty_like(base)
-        _launch(_add_dropped_kernel, base, branch, out, p, seed)
+        _launch(_add_dropped_kernel, (base, branch), out, p, seed)
         ctx.p, ctx.seed, ctx.branch_dtype = p, seed, branch.dtype
         return out
 
@@ -63,16 +63,16 @@ class _AddDropped(torch.autograd.Function):
             return grad, None, None, None
         grad = grad.contiguous()
         grad_branch = torch.empty(grad.shape, dtype=ctx.branch_dtype, device=grad.device)
-        _launch(_dropped_grad_kernel, grad, grad, grad_branch, ctx.p, ctx.seed)
+        _launch(_dropped_grad_kernel, (grad,), grad_branch, ctx.p, ctx.seed)
         return grad, grad_branch, None, None
 
 
-def _launch(kernel, first, second, out, p, seed):
+def _launch(kernel, inputs, out, p, seed):
     n = out.numel()
     grid = (triton.cdiv(n, 4 * QUARTER),)
     # Triton launches on the current device: the tensors' own (a model on another GPU than the current one)
     with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
-        kernel[grid](first, second, out, n, p, 1.0 / (1.0 - p), seed, QUARTER=QUARTER)
+        kernel[grid](*inputs, out, n, p, 1.0 / (1.0 - p), seed, QUARTER=QUARTER)
 
 
 if triton is not None:
@@ -109,7 +109,7 @@ if triton is not None:
         tl.store(out_ptr + offsets, tl.where(keep, grad * scale, 0.0).to(out_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit(do_not_specialize=["seed"])
-    def _dropped_grad_kernel(grad_ptr, unused_ptr, out_ptr, n, p, scale, seed, QUARTER: tl.constexpr):
+    def _dropped_grad_kernel(grad_ptr, out_ptr, n, p, scale, seed, QUARTER: tl.constexpr):
         """d out / d branch: the forward's mask, drawn again from its seed, times 1 / (1 - p)."""
         k0, k1, k2, k3 = _keeps(seed, p, QUARTER)
         start = tl.program_id(0).to(tl.int64) * 4 * QUARTER
