@@ -90,13 +90,6 @@ def next_lower(tier: str) -> Optional[str]:
     return TIERS[index + 1] if index + 1 < len(TIERS) else None
 
 
-# Both backends' torch.utils.checkpoint calls: its default check compares every recomputed tensor's shape, dtype
-# and device with the saved one, host time per saved tensor at every step, and the checkpointed steps are
-# host-bound (docs/PERFORMANCE.md, run 5). The recomputation is the same code on the same inputs with the RNG
-# restored; tests compare checkpointed training with plain training (same losses and weights).
-CHECKPOINT_DETERMINISM_CHECK = "none"
-
-
 def checkpointed_levels(levels: int, checkpointing: Union[bool, int]) -> frozenset:
     """Resolution levels (0 = finest, as the UNet's down blocks count) whose spatio-temporal ResBlocks and
     transformers are recomputed in backward. A coarser level costs as much compute per layer (4x fewer

@@ -63,8 +63,10 @@ def test_both_backends_checkpoint_the_same_layers():
 
 
 @pytest.mark.parametrize("levels", [1, True])
-def test_checkpointed_skip_interval_training_matches_plain(levels):
-    """Backward re-runs checkpointed temporal attention: the clip-0 K/V must still be there."""
+def test_checkpointed_skip_interval_training_matches_plain(levels, monkeypatch):
+    """Backward re-runs checkpointed temporal attention: the clip-0 K/V must still be there. Plain SGD, so the
+    weights move by the gradients themselves (test_training: AdamW amplifies fp32 rounding near zero)."""
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, **_: torch.optim.SGD(params, lr=lr))
     frames = synthetic_clip(3, 64, 64, seed=4)
     results = []
     for checkpointing in (False, levels):

@@ -134,7 +134,10 @@ def test_attn1_only_trains_only_attn1(frames):
     assert len(backend.lora_parameters()) == 128
 
 
-def test_gradient_checkpointing_gives_the_same_step(frames):
+def test_gradient_checkpointing_gives_the_same_step(frames, monkeypatch):
+    # Plain SGD: the weights move by the gradients themselves. Checkpointing recomputes in another order (fp32
+    # rounding, ~1e-6 of the largest gradient), which AdamW's first steps amplify where a gradient is near zero.
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, **_: torch.optim.SGD(params, lr=lr))
     plain = train_motion_lora(tiny_backend(seed=0), frames, TrainingSettings(steps=2, learning_rate=1e-2, seed=3))
     backend = tiny_backend(seed=0)
     checkpointed = train_motion_lora(backend, frames,

@@ -19,9 +19,9 @@ from contextlib import contextmanager
 from typing import Iterator, List, Tuple
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
-from ..memory import CHECKPOINT_DETERMINISM_CHECK, checkpointed_levels
+from ..memory import checkpointed_levels
+from ..recompute import recompute
 from . import comfy_lora
 from .comfy_attention import level_of
 
@@ -51,13 +51,14 @@ class CheckpointedForward:
 
     def __init__(self, module: torch.nn.Module, level: int, switch: Switch):
         self.module, self.level, self.switch = module, level, switch
+        self.holds_lora = type(module).__name__ != "VideoResBlock"  # the LoRA Linears sit in the transformers
 
     def __call__(self, *args, **kwargs):
         forward = type(self.module).forward
         if self.level in self.switch.levels and torch.is_grad_enabled():
             lora = self.switch.lora
-            return checkpoint(recompute_with(forward, lora, comfy_lora.current_call(lora)), self.module, *args,
-                              use_reentrant=False, determinism_check=CHECKPOINT_DETERMINISM_CHECK, **kwargs)
+            return recompute(recompute_with(forward, lora, comfy_lora.current_call(lora)), self.module, *args,
+                             holds_trainable=self.holds_lora, **kwargs)
         return forward(self.module, *args, **kwargs)
 
 

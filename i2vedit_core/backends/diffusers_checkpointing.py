@@ -4,7 +4,8 @@ names (the ComfyUI backend checkpoints the same ones, comfy_training.py)."""
 from contextlib import contextmanager
 from typing import Dict
 
-from ..memory import CHECKPOINT_DETERMINISM_CHECK, checkpointed_levels
+from ..memory import checkpointed_levels
+from ..recompute import recompute
 
 
 @contextmanager
@@ -33,17 +34,15 @@ def _checkpoint_heavy_layers(unet, gradient_checkpointing) -> list:
     """Recompute the chosen levels' layers in backward instead of keeping their activations. Wrapped here
     rather than through diffusers' own flags: those checkpoint only the resnets, the transformers only in
     train mode (the UNet stays in eval mode)."""
-    from torch.utils.checkpoint import checkpoint
-
     layers = heavy_layers_by_level(unet)
     modules = [m for level in sorted(checkpointed_levels(len(unet.down_blocks), gradient_checkpointing))
                for m in layers.get(level, [])]
     for module in modules:
-        module.forward = _checkpointed(module, module.forward, checkpoint)
+        module.forward = _checkpointed(module, module.forward)
     return modules
 
 
-def _checkpointed(module, forward, checkpoint):
+def _checkpointed(module, forward):
     """forward under activation checkpointing, recomputed with the attention processors it ran with.
 
     Processors are swapped per call by `use_attention` (attention control, skip-interval); backward
@@ -64,7 +63,7 @@ def _checkpointed(module, forward, checkpoint):
                 for m, p in zip(attentions, current):
                     m.processor = p
 
-        return checkpoint(run, *args, use_reentrant=False, determinism_check=CHECKPOINT_DETERMINISM_CHECK, **kwargs)
+        return recompute(run, *args, holds_trainable=bool(attentions), **kwargs)  # the LoRA sits in the transformers
 
     return call
 

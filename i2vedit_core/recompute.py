@@ -1,0 +1,53 @@
+"""Activation checkpointing of one UNet layer, as both backends' memory tiers use it (memory.checkpointed_levels).
+
+torch.utils.checkpoint's non-reentrant form hooks every tensor the layer saves for backward, and the
+checkpointed training step is host-bound (docs/PERFORMANCE.md, run 5). The reentrant form runs the layer's
+forward without autograd and once more in backward, with no per-tensor hooks. Its catch: backward reaches
+the layer only if one of its inputs requires grad, and a layer before the first trainable one (the motion LoRA
+sits inside) gets inputs that do not, so its LoRA would silently get no gradient. There an empty anchor
+tensor that requires grad is passed along, and an alias of it returned as one more output, so that the
+checkpoint is part of the graph and its recomputation has an output to differentiate either way.
+
+Tensor keyword arguments are passed positionally, so that they are inputs of the checkpoint (the reentrant
+form takes no keywords). Inside torch.compile the non-reentrant form is used: dynamo traces only that one.
+"""
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+# The non-reentrant form's default check compares every recomputed tensor's shape, dtype and device with the
+# saved one: host time per tensor. The recomputation is the same code on the same inputs with the RNG restored.
+CHECKPOINT_DETERMINISM_CHECK = "none"
+
+
+def recompute(function, *args, holds_trainable: bool = True, **kwargs):
+    """function(*args, **kwargs) with its activations recomputed in backward, not kept.
+
+    holds_trainable: the layer may hold trainable weights (a transformer with the motion LoRA; a ResBlock never
+    does). A layer without any, whose inputs need no gradient either, simply runs: autograd saves nothing there.
+    """
+    if torch.compiler.is_compiling():
+        return checkpoint(function, *args, use_reentrant=False, determinism_check=CHECKPOINT_DETERMINISM_CHECK,
+                          **kwargs)
+    tensor_names = [name for name, value in kwargs.items() if isinstance(value, torch.Tensor)]
+    others = {name: value for name, value in kwargs.items() if name not in tensor_names}
+    inputs = (*args, *(kwargs[name] for name in tensor_names))
+    positional = len(args)
+
+    def call(flat):
+        return function(*flat[:positional], **others, **dict(zip(tensor_names, flat[positional:])))
+
+    if any(isinstance(value, torch.Tensor) and value.requires_grad for value in inputs):
+        return checkpoint(lambda *flat: call(flat), *inputs, use_reentrant=True)
+    if not holds_trainable:
+        return function(*args, **kwargs)
+    returned_tuple = []
+
+    def anchored(anchor, *flat):
+        out = call(flat)
+        returned_tuple[:] = [isinstance(out, tuple)]
+        # One flat tuple of tensors: autograd tracks a Function's tensor outputs only, not nested tuples.
+        return (*out, anchor + 0) if returned_tuple[0] else (out, anchor + 0)
+
+    outputs = checkpoint(anchored, torch.empty(0, requires_grad=True), *inputs, use_reentrant=True)
+    return outputs[:-1] if returned_tuple[0] else outputs[0]
