@@ -10,6 +10,10 @@ checkpoint is part of the graph and its recomputation has an output to different
 
 Tensor keyword arguments are passed positionally, so that they are inputs of the checkpoint (the reentrant
 form takes no keywords). Inside torch.compile the non-reentrant form is used: dynamo traces only that one.
+What the reentrant form asks of its callers: a layer returns a tensor or a flat tuple (autograd tracks a
+Function's top-level tensors only: anything nested would silently get no gradient, so it is refused); the
+layer does not branch on grad mode (its first run is without autograd); training calls loss.backward(), not
+torch.autograd.grad.
 """
 
 import torch
@@ -35,7 +39,7 @@ def recompute(function, *args, holds_trainable: bool = True, **kwargs):
     positional = len(args)
 
     def call(flat):
-        return function(*flat[:positional], **others, **dict(zip(tensor_names, flat[positional:])))
+        return _flat(function(*flat[:positional], **others, **dict(zip(tensor_names, flat[positional:]))))
 
     if any(isinstance(value, torch.Tensor) and value.requires_grad for value in inputs):
         return checkpoint(lambda *flat: call(flat), *inputs, use_reentrant=True)
@@ -51,3 +55,11 @@ def recompute(function, *args, holds_trainable: bool = True, **kwargs):
 
     outputs = checkpoint(anchored, torch.empty(0, requires_grad=True), *inputs, use_reentrant=True)
     return outputs[:-1] if returned_tuple[0] else outputs[0]
+
+
+def _flat(out):
+    if isinstance(out, torch.Tensor) or (isinstance(out, tuple)
+                                         and not any(isinstance(item, (tuple, list, dict)) for item in out)):
+        return out
+    raise TypeError(f"a checkpointed layer must return a tensor or a flat tuple (nested outputs would get no "
+                    f"gradient), got {type(out).__name__}: call it with return_dict=False")

@@ -39,3 +39,13 @@ def test_a_layer_without_trainable_weights_or_grad_inputs_just_runs():
     x = torch.randn(2, 3)
     out = recompute(lambda t: calls.append(torch.is_grad_enabled()) or t * 2, x, holds_trainable=False)
     assert calls == [True] and out.grad_fn is None and torch.equal(out, x * 2)
+
+
+def test_nested_outputs_are_refused():
+    """autograd tracks a Function's top-level tensors only: a nested output would silently train nothing."""
+    import pytest
+
+    x = torch.randn(2, 3, requires_grad=True)
+    for nested in (lambda t: (t * 2, [t]), lambda t: {"sample": t * 2}):
+        with pytest.raises(TypeError, match="flat tuple"):
+            recompute(nested, x)

@@ -4,6 +4,8 @@ names (the ComfyUI backend checkpoints the same ones, comfy_training.py)."""
 from contextlib import contextmanager
 from typing import Dict
 
+import torch
+
 from ..memory import checkpointed_levels
 from ..recompute import recompute
 
@@ -51,6 +53,8 @@ def _checkpointed(module, forward):
     attentions = [m for m in module.modules() if hasattr(m, "set_processor") and hasattr(m, "processor")]
 
     def call(*args, **kwargs):
+        if not torch.is_grad_enabled():  # nothing to recompute for
+            return forward(*args, **kwargs)
         processors = [m.processor for m in attentions]
 
         def run(*inner_args, **inner_kwargs):
