@@ -60,7 +60,7 @@ class ComfyBackend:
         self._incoming_patches = (bool(self.patcher.patches), str(self.patcher.patches_uuid))
         comfy_attention.install(self.patcher, self.attn1)
         comfy_lora.install(self.patcher, self.linears, self.lora)
-        comfy_training.install_checkpointing(self.patcher, unet, self.checkpointing)
+        comfy_training.install_checkpointing(self.patcher, unet, self.checkpointing, self.linears.values())
         self.device = torch.device(self.patcher.load_device)
         self.latent_format = self.patcher.get_model_object("latent_format")
         self.latent_scale = float(self.latent_format.scale_factor)
@@ -160,7 +160,7 @@ class ComfyBackend:
         GPU's queue at every UNet call."""
         ids = time_ids.detach().to(self.device, torch.float32)
         embed = self.patcher.model.embedder
-        return torch.cat([embed(ids[:, i]) for i in range(3)], dim=1).float()
+        return torch.cat([embed(ids[:, i]) for i in range(3)], dim=1)  # float32, as timestep_embedding computes
 
     # --- motion LoRA (`LoraBackend`): activation-space adapters on the clone (comfy_lora.py) -----
 

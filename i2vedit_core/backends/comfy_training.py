@@ -49,9 +49,8 @@ class Switch:
 class CheckpointedForward:
     """Replacement `forward` of one UNet layer: recomputed in backward while its level is switched on."""
 
-    def __init__(self, module: torch.nn.Module, level: int, switch: Switch):
-        self.module, self.level, self.switch = module, level, switch
-        self.holds_lora = type(module).__name__ != "VideoResBlock"  # the LoRA Linears sit in the transformers
+    def __init__(self, module: torch.nn.Module, level: int, switch: Switch, holds_lora: bool = True):
+        self.module, self.level, self.switch, self.holds_lora = module, level, switch, holds_lora
 
     def __call__(self, *args, **kwargs):
         forward = type(self.module).forward
@@ -71,11 +70,15 @@ def recompute_with(forward, lora, call):
     return run
 
 
-def install_checkpointing(patcher, diffusion_model, switch: Switch) -> None:
+def install_checkpointing(patcher, diffusion_model, switch: Switch, adaptable) -> None:
+    """adaptable: the Linears a motion LoRA may adapt (comfy_lora.adaptable_linears): the layers holding none
+    need no recomputation when their inputs need no gradient (recompute's holds_trainable)."""
     per_block, levels = int(diffusion_model.num_res_blocks[0]) + 1, len(diffusion_model.channel_mult)
+    adaptable = {id(linear) for linear in adaptable}
     for path, module in diffusion_model.named_modules():
         if type(module).__name__ in HEAVY_LAYERS and path.startswith(("input_blocks.", "middle_block.", "output_blocks.")):
-            forward = CheckpointedForward(module, level_of(path, per_block, levels), switch)
+            holds_lora = any(id(m) in adaptable for m in module.modules())
+            forward = CheckpointedForward(module, level_of(path, per_block, levels), switch, holds_lora)
             patcher.add_object_patch(f"diffusion_model.{path}.forward", forward)
 
 
@@ -97,9 +100,10 @@ def tensor_slots(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Module, str
     return slots
 
 
-def replace_inference_tensors(model: torch.nn.Module, swapped: dict, slots=None) -> int:
+def replace_inference_tensors(model: torch.nn.Module, swapped: dict, slots) -> int:
     """Swap inference-tensor parameters and buffers of `model` for normal clones, recording the originals
-    in `swapped` (put back by `restore_inference_tensors`); returns how many were swapped now.
+    in `swapped` (put back by `restore_inference_tensors`); returns how many were swapped now. slots:
+    `tensor_slots(model)`.
 
     Why it stays (the pack's one write to the shared BaseModel's attributes, through `comfy.utils.set_attr_param`
     / `set_attr`): autograd cannot save an inference tensor for backward, a loader under inference mode makes
@@ -110,7 +114,7 @@ def replace_inference_tensors(model: torch.nn.Module, swapped: dict, slots=None)
     import comfy.utils
 
     count = 0
-    for name, module, attr, is_parameter in tensor_slots(model) if slots is None else slots:
+    for name, module, attr, is_parameter in slots:
         tensor = getattr(module, attr)
         if tensor is not None and tensor.is_inference():
             swapped.setdefault(name, tensor)

@@ -51,6 +51,7 @@ def _checkpointed(module, forward):
     runs after the call has restored the defaults, so the recompute reinstalls the call's own.
     """
     attentions = [m for m in module.modules() if hasattr(m, "set_processor") and hasattr(m, "processor")]
+    holds_lora = any(name.startswith("temporal_transformer_blocks.") for name, _ in module.named_modules())  # LoRA sites
 
     def call(*args, **kwargs):
         if not torch.is_grad_enabled():  # nothing to recompute for
@@ -67,7 +68,7 @@ def _checkpointed(module, forward):
                 for m, p in zip(attentions, current):
                     m.processor = p
 
-        return recompute(run, *args, holds_trainable=bool(attentions), **kwargs)  # the LoRA sits in the transformers
+        return recompute(run, *args, holds_trainable=holds_lora, **kwargs)
 
     return call
 

@@ -219,3 +219,16 @@ def test_checkpointed_gradients_are_plain_ones(comfy_backend, monkeypatch):
         assert runs[levels].losses == pytest.approx(runs[False].losses, rel=1e-6)
         for path, up in ups.items():
             torch.testing.assert_close(runs[levels].lora.pair(path)[1], up, rtol=0, atol=1e-5 * largest)
+
+
+def test_only_the_transformers_hold_the_lora(comfy_backend):
+    """Checkpointed layers that hold no adaptable Linear run plainly when their inputs need no gradient
+    (recompute's holds_trainable): that must be exactly the ResBlocks."""
+    from collections import Counter
+
+    from i2vedit_core.backends import comfy_training
+
+    layers = [f for f in comfy_backend.patcher.object_patches.values()
+              if isinstance(f, comfy_training.CheckpointedForward)]
+    assert Counter((type(f.module).__name__, f.holds_lora) for f in layers) == {
+        ("VideoResBlock", False): 22, ("SpatialVideoTransformer", True): 16}
