@@ -10,7 +10,9 @@ Full-size random SVD in ComfyUI's dtypes (fp16 UNet), 14 frames at 512x896, eage
 - pack, unfused dropout: the same with `base + F.dropout(branch)`;
 - pack, before: the LoRA forward as it was before the fused kernel (F.dropout, then the scale multiplies the
   Linear-sized branch output);
-- pack, dropout 0: no dropout at all (what any dropout implementation costs).
+- pack, dropout 0: no dropout at all (what any dropout implementation costs);
+- pack, CUDA graph: the pack's step captured once and replayed (training_graph.CapturedStep, capturable AdamW),
+  and how far its losses and LoRA weights are from the same steps run eagerly.
 Then one profiled step of the floor and of the pack (torch.profiler): wall time, the summed GPU kernel
 time (wall minus that is time the GPU waited for the host) and the kernels whose time differs most.
 """
@@ -33,7 +35,9 @@ from compile_step import inputs  # noqa: E402
 from i2vedit_core import branch_dropout  # noqa: E402
 from i2vedit_core.backends import comfy_lora  # noqa: E402
 from i2vedit_core.lora import LoraSpec  # noqa: E402
-from i2vedit_core.training import TrainingSettings, queue_training_step  # noqa: E402
+from i2vedit_core.training import (TrainingSettings, draw_step_inputs, edm_weight, queue_training_step,  # noqa: E402
+                                   step_on)
+from i2vedit_core.training_graph import WARMUP_STEPS, CapturedStep  # noqa: E402
 
 FULL = dict(hw=(512, 896), frames=14, context=1024)
 TINY = dict(hw=(64, 64), frames=14, context=builders.TINY_CONTEXT)
@@ -62,7 +66,8 @@ def profiled(step):
     """(wall ms, summed kernel ms, {kernel name: ms}) of one step."""
     from torch.profiler import ProfilerActivity, profile
 
-    step()
+    for _ in range(getattr(step, "warmup", 1)):  # a captured step: its eager warm-up calls and the capture
+        step()
     floors.sync()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
@@ -80,7 +85,7 @@ def profiled(step):
 def forward_before(self, x, *args, **kwargs):
     """comfy_lora.LoraForward.__call__ before the fused kernel (commit 4238593)."""
     out = type(self.module).forward(self.module, x, *args, **kwargs)
-    scale, slot = comfy_lora.current_call(self.state)
+    scale, slot = comfy_lora.current_call(self.state)[:2]
     if scale == 0:
         return out
     down, up = self.state.pair(self.path, slot)
@@ -116,6 +121,46 @@ def pack_step(backend, z0, cond, spec, settings):
                                   weight_decay=settings.weight_decay)
     gen = torch.Generator().manual_seed(0)
     return lambda: queue_training_step(backend.denoise, optimizer, z0, cond, 0.7, settings, gen)
+
+
+def graphed_step(backend, z0, cond, spec, settings):
+    """pack_step through training_graph.CapturedStep: two eager warm-up calls, a capture, then replays."""
+    backend.attach_lora(spec, torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(backend.lora_parameters(), lr=settings.learning_rate,
+                                  weight_decay=settings.weight_decay, capturable=z0.is_cuda)
+    gen = torch.Generator().manual_seed(0)
+    captured = CapturedStep(lambda *i: step_on(backend.denoise, optimizer, z0, *i, settings.mixed_precision),
+                            z0, cond, optimizer)
+
+    def step():
+        return captured(*draw_step_inputs(z0, cond, settings, gen), 0.7, edm_weight(0.7))
+    step.captured, step.warmup = captured, WARMUP_STEPS + 1
+    return step
+
+
+def graph_against_eager(backend, z0, cond, settings, steps=6):
+    """(largest relative loss difference, largest weight difference / largest weight) after `steps` steps from
+    one adapter and one seed, eager (capturable AdamW, as the graph's) against captured and replayed."""
+    results = []
+    for graphed in (False, True):
+        torch.manual_seed(0)  # the dropout seeds are drawn from the device RNG
+        if graphed:
+            step = graphed_step(backend, z0, cond, LoraSpec(), settings)
+        else:
+            backend.attach_lora(LoraSpec(), torch.Generator().manual_seed(0))
+            optimizer = torch.optim.AdamW(backend.lora_parameters(), lr=settings.learning_rate,
+                                          weight_decay=settings.weight_decay, capturable=z0.is_cuda)
+            gen = torch.Generator().manual_seed(0)
+            step = lambda: queue_training_step(backend.denoise, optimizer, z0, cond, 0.7, settings, gen)  # noqa: E731
+        losses = [float(step()) for _ in range(steps)]
+        weights = torch.cat([p.detach().flatten() for p in backend.lora_parameters()])
+        if graphed:
+            step.captured.release()
+        backend.detach_lora()
+        results.append((losses, weights))
+    (loss_e, w_e), (loss_g, w_g) = results
+    loss_diff = max(abs(a - b) / abs(a) for a, b in zip(loss_e, loss_g))
+    return loss_diff, float((w_e - w_g).abs().max() / w_e.abs().max())
 
 
 def floor_step(model, size):
@@ -205,7 +250,7 @@ def main():
     mm.load_models_gpu([backend.patcher])
     variants = (("pack", LoraSpec(), Variant()), ("pack, unfused dropout", LoraSpec(), Variant(fused=False)),
                 ("pack, before", LoraSpec(), Variant(fused=False, before=True)),
-                ("pack, dropout 0", LoraSpec(dropout=0.0), Variant()))
+                ("pack, dropout 0", LoraSpec(dropout=0.0), Variant()), ("pack, CUDA graph", LoraSpec(), Variant()))
     profiles = {}
     checkpointing = {"0": False, "3": 3, "all": True}[args.checkpointing]
     # Every timing first, the profiles after: a profiler session can slow the steps that follow it.
@@ -217,15 +262,22 @@ def main():
         with torch.random.fork_rng(devices=[backend.device] if backend.device.type == "cuda" else []), \
                 backend.lora_training(checkpointing):
             for name, spec, variant in variants:
-                if profiling and name not in ("pack", "pack, before"):
+                if profiling and name not in ("pack", "pack, before", "pack, CUDA graph"):
                     continue
                 with variant:
-                    step = pack_step(backend, z0, cond, spec, settings)
+                    make = graphed_step if name.endswith("CUDA graph") else pack_step
+                    step = make(backend, z0, cond, spec, settings)
                     if profiling:
                         profiles[name] = profiled(step)
                     else:
                         time_variant(emit, name, step, args.steps, floor_ms)
+                    if hasattr(step, "captured"):
+                        step.captured.release()
                 backend.detach_lora()
+            if not profiling and torch.cuda.is_available():
+                loss_diff, weight_diff = graph_against_eager(backend, z0, cond, settings)
+                emit(f"\nCUDA graph against eager, 6 steps from one adapter and seed: losses differ by at most "
+                     f"{loss_diff:.2e} (relative), LoRA weights by {weight_diff:.2e} of the largest weight")
 
     emit("\n| profiled step | wall ms | GPU kernel ms | GPU waiting ms |\n|---|---|---|---|")
     for name, (wall, busy, _) in profiles.items():

@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="torch.compile the UNet for motion-LoRA training (CUDA with Triton only; default: the memory "
            "setting decides): a one-off compile per process, then each training step about a third faster "
            "(docs/PERFORMANCE.md)")
+    a("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+      help="replay the motion-LoRA training step as one captured CUDA graph where it can be (default on; "
+           "--no-cuda-graph queues every step eagerly)")
     a("--cache", help="folder caching inversions and motion LoRAs: a second edit of the same video skips both")
     a("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
       help="model precision; auto = fp32 on CPU (fp16 is about 2x slower there), fp16 on CUDA")
@@ -240,7 +243,8 @@ def settings_from(args, tiny: bool = False):
     from .training import TrainingSettings
 
     temporal = TemporalSelector(*args.beta) if args.beta else TemporalSelector.preset(args.preset)
-    training = (TrainingSettings(steps=args.train_steps, seed=args.seed, compile=args.compile_training)
+    training = (TrainingSettings(steps=args.train_steps, seed=args.seed, compile=args.compile_training,
+                                 cuda_graph=args.cuda_graph)
                 if args.train_steps > 0 else None)
     if tiny and training is not None:
         training = dataclasses.replace(training, max_pixels=64 * 64)

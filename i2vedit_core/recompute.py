@@ -10,7 +10,10 @@ checkpoint is part of the graph and its recomputation has an output to different
 
 Tensor keyword arguments are passed positionally, so that they are inputs of the checkpoint (the reentrant
 form takes no keywords). Inside torch.compile the non-reentrant form is used: dynamo traces only that one.
-What the reentrant form asks of its callers: a layer returns a tensor or a flat tuple (autograd tracks a
+While a CUDA graph is being captured (training_graph.py) no RNG state is saved or restored (a capture cannot
+read or set the device's): the layers recomputed then draw nothing on the host, since the fused LoRA dropout
+keys on the UNet call's device seed (branch_dropout.py), and backends whose recomputation needs the RNG
+restored are not captured with checkpointing (their `capturable_training`). What the reentrant form asks of its callers: a layer returns a tensor or a flat tuple (autograd tracks a
 Function's top-level tensors only: anything nested would silently get no gradient, so it is refused); the
 layer does not branch on grad mode (its first run is without autograd); training calls loss.backward(), not
 torch.autograd.grad.
@@ -18,6 +21,8 @@ torch.autograd.grad.
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from .training_graph import is_capturing
 
 # The non-reentrant form's default check compares every recomputed tensor's shape, dtype and device with the
 # saved one: host time per tensor. The recomputation is the same code on the same inputs with the RNG restored.
@@ -41,8 +46,9 @@ def recompute(function, *args, holds_trainable: bool = True, **kwargs):
     def call(flat):
         return _flat(function(*flat[:positional], **others, **dict(zip(tensor_names, flat[positional:]))))
 
+    preserve_rng = not is_capturing()
     if any(isinstance(value, torch.Tensor) and value.requires_grad for value in inputs):
-        return checkpoint(lambda *flat: call(flat), *inputs, use_reentrant=True)
+        return checkpoint(lambda *flat: call(flat), *inputs, use_reentrant=True, preserve_rng_state=preserve_rng)
     if not holds_trainable:
         return function(*args, **kwargs)
     returned_tuple = []
@@ -53,7 +59,8 @@ def recompute(function, *args, holds_trainable: bool = True, **kwargs):
         # One flat tuple of tensors: autograd tracks a Function's tensor outputs only, not nested tuples.
         return (*out, anchor + 0) if returned_tuple[0] else (out, anchor + 0)
 
-    outputs = checkpoint(anchored, torch.empty(0, requires_grad=True), *inputs, use_reentrant=True)
+    outputs = checkpoint(anchored, torch.empty(0, requires_grad=True), *inputs, use_reentrant=True,
+                         preserve_rng_state=preserve_rng)
     return outputs[:-1] if returned_tuple[0] else outputs[0]
 
 

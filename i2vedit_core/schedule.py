@@ -53,8 +53,13 @@ class Preconditioning:
     c_noise: float
 
 
-def edm_v_preconditioning(sigma: float) -> Preconditioning:
-    """EDM preconditioning for a v-prediction network with sigma_data = 1."""
+def edm_v_preconditioning(sigma) -> Preconditioning:
+    """EDM preconditioning for a v-prediction network with sigma_data = 1. sigma: a number, or a 0-d tensor (a
+    captured training step's, training_graph.py), which gives tensors computed on its device."""
+    if isinstance(sigma, torch.Tensor):
+        norm = sigma * sigma + 1.0
+        return Preconditioning(c_in=norm.rsqrt(), c_skip=1.0 / norm, c_out=-sigma * norm.rsqrt(),
+                               c_noise=0.25 * sigma.log())
     sigma = float(sigma)
     if not sigma > 0:
         raise ValueError(f"sigma must be > 0 for the denoiser, got {sigma}")

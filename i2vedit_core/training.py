@@ -22,6 +22,7 @@ from .conditioning import MicroConditioning, host_randn, latent_conditioning, wi
 from .frames import SIZE_MULTIPLE, as_frame_batch
 from .lora import LoraSpec, MotionLora, clip_fingerprint
 from .schedule import SIGMA_MAX, SIGMA_MIN
+from .training_graph import CapturedStep, graph_applies
 
 ProgressCallback = Callable[[dict], None]
 
@@ -47,6 +48,9 @@ class TrainingSettings:
     # torch.compile of the UNet for the steps: None = the memory plan decides (pipeline), False = off,
     # True = inductor on CUDA (off on the CPU), or a torch.compile backend name used on any device.
     compile: Union[None, bool, str] = None
+    # Replay the training step as one CUDA graph where it can be captured (training_graph.py): on CUDA, a
+    # backend that supports it, no skip-interval, not compiled. False: every step queued eagerly.
+    cuda_graph: bool = True
     lora: LoraSpec = field(default_factory=LoraSpec)
     seed: int = 0
 
@@ -149,12 +153,24 @@ def training_step(denoise: Callable[..., torch.Tensor], optimizer: torch.optim.O
 def queue_training_step(denoise, optimizer, z0, cond, sigma, settings, generator) -> torch.Tensor:
     """`training_step` without waiting for it: the loss stays a tensor on the device (reading it makes the
     host wait for the GPU to finish the step, and the GPU then idles while the host queues the next one)."""
+    noise, noisy_cond = draw_step_inputs(z0, cond, settings, generator)
+    return step_on(denoise, optimizer, z0, noise, noisy_cond, sigma, edm_weight(sigma), settings.mixed_precision)
+
+
+def draw_step_inputs(z0: torch.Tensor, cond: Conditioning, settings: TrainingSettings,
+                     generator: torch.Generator) -> Tuple[torch.Tensor, Conditioning]:
+    """The step's noise on z0 and its conditioning with latent noise, drawn on the host from `generator`."""
     noise = host_randn(z0.shape, generator, z0.device)
-    noisy_cond = with_latent_noise(cond, settings.cond_noise, generator)
-    use_bf16 = settings.mixed_precision and z0.device.type == "cuda"
+    return noise, with_latent_noise(cond, settings.cond_noise, generator)
+
+
+def step_on(denoise, optimizer, z0, noise, cond, sigma, weight, mixed_precision: bool) -> torch.Tensor:
+    """The step's device work, from inputs already drawn: sigma and the EDM weight are numbers, or 0-d device
+    tensors where a captured graph replays the step (training_graph.py). Returns the loss, not read."""
+    use_bf16 = mixed_precision and z0.device.type == "cuda"
     with torch.enable_grad(), torch.autocast(z0.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        denoised = denoise(z0 + sigma * noise, sigma, noisy_cond, lora_scale=1.0)
-        loss = edm_weight(sigma) * (denoised.float() - z0).pow(2).mean()
+        denoised = denoise(z0 + sigma * noise, sigma, cond, lora_scale=1.0)
+        loss = weight * (denoised.float() - z0).pow(2).mean()
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -225,22 +241,31 @@ def compiled_unet(backend, compile_with: Optional[str]):
 
 
 def _run_steps(backend, denoise, z0, cond, settings, generator, progress, cancel):
-    optimizer = torch.optim.AdamW(backend.lora_parameters(), lr=settings.learning_rate, betas=settings.betas,
-                                  eps=1e-8, weight_decay=settings.weight_decay)
-    losses, sigmas = [], []
     device = z0.device
+    compile_with = compile_backend(settings.compile, device)
+    graphed = graph_applies(settings.cuda_graph, backend, device, settings.gradient_checkpointing,
+                            denoise != backend.denoise, compile_with)
+    optimizer = torch.optim.AdamW(backend.lora_parameters(), lr=settings.learning_rate, betas=settings.betas,
+                                  eps=1e-8, weight_decay=settings.weight_decay, capturable=graphed)
+    losses, sigmas = [], []
     start = time.perf_counter()
     # LoRA dropout draws from the global RNG: seed a forked copy so training is reproducible and
     # leaves the caller's RNG state as it was.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-            backend.lora_training(settings.gradient_checkpointing), contextlib.ExitStack() as compiling:
-        compile_with = compile_backend(settings.compile, device)
-        compiling.enter_context(compiled_unet(backend, compile_with))
+            backend.lora_training(settings.gradient_checkpointing), contextlib.ExitStack() as speedups:
+        speedups.enter_context(compiled_unet(backend, compile_with))
         torch.manual_seed(settings.seed)
+        captured = None
+        if graphed:
+            captured = CapturedStep(lambda *inputs: step_on(denoise, optimizer, z0, *inputs, settings.mixed_precision),
+                                    z0, cond, optimizer)
+            speedups.callback(captured.release)
 
         def one_step():
             sigma = sample_sigma(settings, generator)
-            return sigma, queue_training_step(denoise, optimizer, z0, cond, sigma, settings, generator)
+            if captured is None:
+                return sigma, queue_training_step(denoise, optimizer, z0, cond, sigma, settings, generator)
+            return sigma, captured(*draw_step_inputs(z0, cond, settings, generator), sigma, edm_weight(sigma))
 
         def report(step, sigma, loss):
             losses.append(float(loss))
@@ -253,7 +278,7 @@ def _run_steps(backend, denoise, z0, cond, settings, generator, progress, cancel
             if cancel is not None and cancel():
                 raise TrainingCancelled(f"motion LoRA training cancelled at step {step} of {settings.steps}")
             if step == 0 and compile_with is not None:
-                sigma, loss = _first_step_or_eager(one_step, compiling, compile_with, optimizer, generator,
+                sigma, loss = _first_step_or_eager(one_step, speedups, compile_with, optimizer, generator,
                                                    settings.seed)
             else:
                 sigma, loss = one_step()

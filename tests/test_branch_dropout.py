@@ -4,7 +4,9 @@ unfused form elsewhere.
 The kernel keeps no mask: backward draws it again from the forward's seed. What would go wrong, and where
 it shows: a backward mask that differs from the forward's (the gradient check against the mask read off
 the forward output), a wrong keep rate or scale (the forward check), quarters of a program sharing random
-numbers (the quarters check), a seed a checkpointed recomputation does not redraw (the checkpoint check).
+numbers (the quarters check), two Linears of one call sharing a mask (the sites check), a seed a checkpointed
+recomputation does not redraw (the checkpoint check), a seed kept as a number once drawn instead of read from
+its device tensor at each launch (the rewritten-seed check: a CUDA graph replays with the tensor redrawn).
 """
 
 import json
@@ -45,29 +47,31 @@ for dtype in (torch.float32, torch.float16):
     base = torch.zeros(n, dtype=dtype, requires_grad=True)  # zero: kept elements are the nonzero outputs
     branch = torch.randn(n, generator=g).to(dtype).requires_grad_()
     assert bd.fused_runs_on(base, branch)
-    torch.manual_seed(5)
-    out = bd.add_dropped(base, branch, 0.1)
+    seed = bd.DropoutSeed()
+    out = bd.add_dropped(base, branch, 0.1, seed, 3)
     kept = out.detach() != 0
     grad = torch.randn(n, generator=g).to(dtype)
     out.backward(grad)
-    torch.manual_seed(5)
-    again = bd.add_dropped(base.detach(), branch.detach(), 0.1)
-    other = bd.add_dropped(base.detach(), branch.detach(), 0.1)
+    again = bd.add_dropped(base.detach(), branch.detach(), 0.1, seed, 3)
+    other_site = bd.add_dropped(base.detach(), branch.detach(), 0.1, seed, 4)
+    other_call = bd.add_dropped(base.detach(), branch.detach(), 0.1, bd.DropoutSeed(), 3)
+    seed.on(base.device).add_(1)  # what a graph replay does: the same tensor, a new value
+    rewritten = bd.add_dropped(base.detach(), branch.detach(), 0.1, seed, 3)
     res[str(dtype)] = dict(
         kept=float(kept.float().mean()), dtype=str(out.dtype), grad_dtype=str(branch.grad.dtype),
         forward=float((out.detach().float() - torch.where(kept, branch.detach().float() / 0.9, 0.0)).abs().max()),
         grad_base=float((base.grad.float() - grad.float()).abs().max()),
         grad_branch=float((branch.grad.float() - torch.where(kept, grad.float() / 0.9, 0.0)).abs().max()),
-        same_seed_same_mask=bool(torch.equal(again, out.detach())), next_call_differs=not torch.equal(other, again))
+        same_seed_same_mask=bool(torch.equal(again, out.detach())), sites_differ=not torch.equal(other_site, again),
+        calls_differ=not torch.equal(other_call, again), rewritten_seed_differs=not torch.equal(rewritten, again))
 q = kept[: 4 * bd.QUARTER].view(4, bd.QUARTER)
 res["quarters_differ"] = all(not torch.equal(q[i], q[j]) for i in range(4) for j in range(i + 1, 4))
 x = torch.randn(5000, generator=g, requires_grad=True)
-loss = lambda x: bd.add_dropped(x * 2, x * 3, 0.3).pow(2).sum()
-torch.manual_seed(9)
+call_seed = bd.DropoutSeed()  # one UNet call's: its recomputation reuses it
+loss = lambda x: bd.add_dropped(x * 2, x * 3, 0.3, call_seed).pow(2).sum()
 loss(x).backward()
 plain, x.grad = x.grad.clone(), None
-torch.manual_seed(9)
-checkpoint(loss, x, use_reentrant=False).backward()
+checkpoint(loss, x, use_reentrant=True, preserve_rng_state=False).backward()  # no RNG state to restore
 res["checkpoint_grad_diff"] = float((x.grad - plain).abs().max())
 kept_grad, dropped_grad = 2 * (2 + 3 / 0.7) ** 2 * x.detach(), 2 * 2 ** 2 * x.detach()  # d/dx of (2x + m 3x/0.7)^2
 is_kept = (plain - kept_grad).abs() < 1e-4 * kept_grad.abs().clamp_min(1)
@@ -92,7 +96,8 @@ def test_fused_kernel_under_interpreter():
         assert abs(r["kept"] - 0.9) < 0.02, r  # 12365 elements: 7 standard deviations
         assert r["dtype"] == r["grad_dtype"] == dtype
         assert r["forward"] < tol and r["grad_branch"] < tol and r["grad_base"] == 0.0, r
-        assert r["same_seed_same_mask"] and r["next_call_differs"], r
+        assert r["same_seed_same_mask"] and r["sites_differ"] and r["calls_differ"], r
+        assert r["rewritten_seed_differs"], r
     assert res["quarters_differ"]
     assert res["checkpoint_grad_diff"] == 0.0  # the recomputation redrew the forward's mask
     kept, dropped, every_element = res["grad_kept_or_dropped"]

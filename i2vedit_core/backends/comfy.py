@@ -28,6 +28,8 @@ from typing import List, Optional
 import torch
 from kornia.geometry.transform import resize
 
+from .. import branch_dropout
+from ..training_graph import is_capturing
 from . import comfy_attention, comfy_compile, comfy_lora, comfy_model_lora, comfy_training
 from .base import Conditioning
 from .comfy_attention import CONTROLLER_KEY
@@ -129,13 +131,17 @@ class ComfyBackend:
                 raise ValueError(f"the attention pass describes {len(attention.rows)} videos {tuple(attention.rows)}, "
                                  f"the latent batch has {batch}")
             chunks = comfy_attention.chunks_for(attention.rows)
-        self.load(x.shape)
+        if not is_capturing():  # a captured training step replays with the model as loaded (training_graph.py)
+            self.load(x.shape)
+        elif getattr(self.patcher.model, "model_lowvram", False):
+            raise RuntimeError("the UNet is partially loaded (ComfyUI's low-VRAM mode streams weights from the "
+                               "CPU at each call), which a CUDA graph cannot replay")
         if comfy_training.trainable_now():
             model = self.patcher.model
             comfy_training.replace_inference_tensors(model, self.checkpointing.swapped,
                                                      self.checkpointing.tensor_slots(model))
         flat, inputs = self._unet_inputs(x, cond)
-        sigmas = torch.full((flat.shape[0],), float(sigma), dtype=torch.float32, device=self.device)
+        sigmas = sigma_column(sigma, flat.shape[0], self.device)
         options = denoise_transformer_options(self.patcher, chunks, sigmas)
         if attention is not None:
             options[CONTROLLER_KEY] = attention
@@ -185,6 +191,15 @@ class ComfyBackend:
         levels = len(self.patcher.model.diffusion_model.channel_mult)
         return comfy_training.training_mode(self.lora, self.checkpointing, gradient_checkpointing, levels,
                                             self.patcher.model)
+
+    def capturable_training(self, gradient_checkpointing=False) -> bool:
+        """Whether a training step can be captured as a CUDA graph (training_graph.py): on CUDA, the UNet wholly
+        on the device, and the recomputation of checkpointed layers free of host RNG (the fused dropout keys on
+        a device seed; without Triton, F.dropout's masks are redrawn from a restored RNG state, which a capture
+        cannot do)."""
+        if self.device.type != "cuda" or getattr(self.patcher.model, "model_lowvram", False):
+            return False
+        return branch_dropout.triton is not None or not gradient_checkpointing
 
     def compiled(self, backend: str = "inductor"):
         """The clone's UNet through torch.compile inside (training.compiled_unet; comfy_compile.py)."""
@@ -275,6 +290,13 @@ class ComfyBackend:
 # options: the MODEL's transformer_options (other packs' attention patches), its wrappers and
 # callbacks, cond_or_uncond, sigmas. The attention pass goes in under CONTROLLER_KEY of this per-call
 # copy only (COMFYUI_NOTES 3.3: the stateless attn1 object patches read it there).
+
+
+def sigma_column(sigma, batch: int, device) -> torch.Tensor:
+    """sigma for each of `batch` rows, float32 on `device`; sigma a number, or a 0-d tensor (a captured step's)."""
+    if isinstance(sigma, torch.Tensor):
+        return sigma.to(device, torch.float32).reshape(1).repeat(batch)
+    return torch.full((batch,), float(sigma), dtype=torch.float32, device=device)
 
 
 def denoise_transformer_options(patcher, cond_or_uncond: List[int], sigmas: torch.Tensor) -> dict:

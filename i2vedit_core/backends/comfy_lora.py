@@ -27,12 +27,12 @@ Files use the SGM paths of `lora.py`.
 
 import contextlib
 from contextvars import ContextVar
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from ..branch_dropout import add_dropped
+from ..branch_dropout import DropoutSeed, add_dropped
 from ..lora import (SVD_TEMPORAL_SITES, TEMPORAL_LINEARS, LoraSpec, MotionLora, check_fits, check_rank_fits,
                     motion_lora_from_pairs)
 from .twins import lora_down_init, lora_generator, needs_fresh_adapter
@@ -43,6 +43,19 @@ OUTSIDE_A_CALL = (1.0, "clip")  # a Linear called directly (no UNet call around 
 # The running UNet call's (scale, slot), set only by `lora_call`; a ContextVar, not an attribute of the
 # state, so that a value never outlives the call that carried it.
 CALL: ContextVar = ContextVar("i2vedit_lora_call", default=OUTSIDE_A_CALL)
+
+
+class LoraCall(NamedTuple):
+    """What the Linears of one UNet call read: its (scale, slot) and the seed of its dropped branches, which the
+    call's checkpointed layers reuse when recomputed (branch_dropout.DropoutSeed)."""
+    scale: float
+    slot: str
+    dropout: Optional[DropoutSeed]  # None: a fresh one at each use (compiled code, which uses F.dropout)
+
+
+def as_call(value) -> LoraCall:
+    """`value` as a LoraCall: a (scale, slot) pair gets a fresh dropout seed."""
+    return value if isinstance(value, LoraCall) else LoraCall(float(value[0]), value[1], DropoutSeed())
 
 
 class LoraState:
@@ -78,13 +91,14 @@ class LoraState:
 class LoraForward:
     """Replacement `forward` of one adaptable Linear (not an nn.Module: no new state-dict keys)."""
 
-    def __init__(self, module: torch.nn.Module, path: str, state: LoraState):
-        self.module, self.path, self.state = module, path, state
+    def __init__(self, module: torch.nn.Module, path: str, state: LoraState, site: int = 0):
+        """site: this Linear's number among the adapted ones (its own dropout mask within a call)."""
+        self.module, self.path, self.state, self.site = module, path, state, site
 
     def __call__(self, x, *args, **kwargs):
         out = type(self.module).forward(self.module, x, *args, **kwargs)
         state = self.state
-        scale, slot = current_call(state)
+        scale, slot, seed = as_call(current_call(state))
         if scale == 0:
             return out
         down, up = state.pair(self.path, slot)
@@ -94,23 +108,23 @@ class LoraForward:
         up = up if scale == 1 else up * scale  # on the (out, rank) weight, not on the Linear-sized output
         delta = F.linear(F.linear(x.to(dtype), down.to(dtype)), up.to(dtype))
         if state.dropout_active and state.spec.dropout > 0:
-            return add_dropped(out, delta, state.spec.dropout)
+            return add_dropped(out, delta, state.spec.dropout, seed, self.site)
         return out + delta.to(out.dtype)
 
 
 @contextlib.contextmanager
 def lora_call(value: Tuple[float, str]):
-    """The Linears' (scale, slot) inside: one UNet call (`lora_call_scope`), or a checkpointed layer's
-    recomputation in backward, which may run after the call and on autograd's own thread."""
-    token = CALL.set(value)
+    """The Linears' (scale, slot) inside, with a dropout seed for the call: one UNet call (`lora_call_scope`)."""
+    token = CALL.set(as_call(value))
     try:
         yield
     finally:
         CALL.reset(token)
 
 
-def current_call(state: LoraState) -> Tuple[float, str]:
-    """The running UNet call's (scale, slot): pinned on the state while compiled, else the ContextVar's."""
+def current_call(state: LoraState):
+    """The running UNet call's LoraCall (or bare (scale, slot)): pinned on the state while compiled or
+    recomputed, else the ContextVar's."""
     return state.pinned if state.pinned is not None else CALL.get()
 
 
@@ -138,7 +152,9 @@ def pin_lora_call(state: LoraState):
     transformer_options[LORA_KEY] on `state` for the call."""
     def pin(executor, *args, **kwargs):
         options = args[5] if len(args) > 5 else kwargs.get("transformer_options") or {}
-        with pinned(state, options.get(LORA_KEY, OUTSIDE_A_CALL)):
+        scale, slot = options.get(LORA_KEY, OUTSIDE_A_CALL)
+        # No seed object: the compiled Linears drop with F.dropout, and dynamo would guard on a new object per call.
+        with pinned(state, LoraCall(float(scale), slot, None)):
             return executor(*args, **kwargs)
     return pin
 
@@ -171,8 +187,8 @@ def adaptable_linears(diffusion_model) -> Dict[str, torch.nn.Module]:
 def install(patcher, linears: Dict[str, torch.nn.Module], state: LoraState) -> None:
     import comfy.patcher_extension as ext
 
-    for path, module in linears.items():
-        patcher.add_object_patch(f"diffusion_model.{path}.forward", LoraForward(module, path, state))
+    for site, (path, module) in enumerate(linears.items()):
+        patcher.add_object_patch(f"diffusion_model.{path}.forward", LoraForward(module, path, state, site))
     patcher.add_wrapper_with_key(ext.WrappersMP.DIFFUSION_MODEL, LORA_KEY, lora_call_scope)
 
 

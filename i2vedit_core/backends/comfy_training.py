@@ -56,14 +56,16 @@ class CheckpointedForward:
         forward = type(self.module).forward
         if self.level in self.switch.levels and torch.is_grad_enabled():
             lora = self.switch.lora
-            return recompute(recompute_with(forward, lora, comfy_lora.current_call(lora)), self.module, *args,
+            call = comfy_lora.as_call(comfy_lora.current_call(lora))
+            return recompute(recompute_with(forward, lora, call), self.module, *args,
                              holds_trainable=self.holds_lora, **kwargs)
         return forward(self.module, *args, **kwargs)
 
 
 def recompute_with(forward, lora, call):
-    """`forward` run with this UNet call's LoRA (scale, slot) pinned on `lora`: the recomputation in backward
-    happens after the call's wrappers have reset it, maybe on autograd's thread."""
+    """`forward` run with this UNet call's LoraCall (scale, slot, dropout seed) pinned on `lora`: the
+    recomputation in backward happens after the call's wrappers have reset it, maybe on autograd's thread, and
+    must draw the forward's dropout masks again."""
     def run(*args, **kwargs):
         with comfy_lora.pinned(lora, call):
             return forward(*args, **kwargs)

@@ -86,7 +86,7 @@ class DiffusersBackend:
         pre = edm_v_preconditioning(sigma)
         x = x.to(self.device, self.state_dtype)
         model_in = torch.cat([x * pre.c_in, cond.image_latents.to(x)], dim=2)
-        timestep = torch.tensor(pre.c_noise, dtype=torch.float32, device=self.device)
+        timestep = torch.as_tensor(pre.c_noise, dtype=torch.float32, device=self.device)
         with use_attention(self.unet, attention), use_lora_scale(self.unet, lora_scale, lora_slot):
             v = self.unet(model_in.to(self.device, self.dtype), timestep,
                           encoder_hidden_states=cond.image_embeds.to(self.device, self.dtype),
@@ -133,6 +133,12 @@ class DiffusersBackend:
         stack.enter_context(diffusers_lora.lora_training(self.unet))
         stack.enter_context(checkpointing(self.unet, gradient_checkpointing))
         return stack
+
+    def capturable_training(self, gradient_checkpointing=False) -> bool:
+        """Whether a training step can be captured as a CUDA graph (training_graph.py): on CUDA, without
+        checkpointing (peft's dropout is F.dropout, whose masks a recomputation redraws from a restored RNG
+        state, which a capture cannot do)."""
+        return self.device.type == "cuda" and not gradient_checkpointing
 
     @contextmanager
     def compiled(self, backend: str = "inductor"):

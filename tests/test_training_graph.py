@@ -1,0 +1,128 @@
+"""The training step captured as a CUDA graph (training_graph.py): when it applies, that its static inputs carry
+each step's draws (on the CPU, where the captured step runs its eager path), and on CUDA that replaying it trains
+as the eager loop does, and that a step which cannot be captured falls back to eager with a warning."""
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+
+from i2vedit_core.lora import LoraSpec
+from i2vedit_core.tiny import synthetic_clip, tiny_backend
+from i2vedit_core.training import (TrainingSettings, draw_step_inputs, edm_weight, prepare_training_data,
+                                   queue_training_step, sample_sigma, step_on, train_motion_lora)
+from i2vedit_core.training_graph import CapturedStep, graph_applies
+
+CUDA = torch.device("cuda")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+
+
+class Capturable:
+    def __init__(self, without_checkpointing_only):
+        self.only_plain = without_checkpointing_only
+
+    def capturable_training(self, gradient_checkpointing):
+        return not (self.only_plain and gradient_checkpointing)
+
+
+def test_graph_applies_only_where_a_capture_can_replay_the_step():
+    backend = Capturable(without_checkpointing_only=True)
+    assert graph_applies(True, backend, CUDA, False, skip_interval=False, compile_with=None)
+    assert not graph_applies(False, backend, CUDA, False, skip_interval=False, compile_with=None)  # switched off
+    assert not graph_applies(True, backend, torch.device("cpu"), False, False, None)
+    assert not graph_applies(True, backend, CUDA, 3, False, None)  # the backend refuses checkpointed capture
+    assert graph_applies(True, Capturable(False), CUDA, 3, False, None)
+    assert not graph_applies(True, backend, CUDA, False, skip_interval=True, compile_with=None)
+    assert not graph_applies(True, backend, CUDA, False, skip_interval=False, compile_with="inductor")
+    assert not graph_applies(True, object(), CUDA, False, False, None)  # a backend without the hook
+
+
+def test_diffusers_backend_is_capturable_on_cuda_without_checkpointing():
+    backend = tiny_backend(seed=0)
+    assert not backend.capturable_training(False)  # on the CPU
+    backend.device = CUDA  # the decision only reads the device
+    assert backend.capturable_training(False) and backend.capturable_training(0)
+    assert not backend.capturable_training(True) and not backend.capturable_training(2)
+
+
+def _steps(backend, frames, settings, captured: bool):
+    """Losses and final weights of settings.steps steps, through the captured step's eager path or not."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    z0, cond = prepare_training_data(backend, frames, settings)
+    backend.attach_lora(settings.lora, generator)
+    optimizer = torch.optim.AdamW(backend.lora_parameters(), lr=settings.learning_rate)
+    step = CapturedStep(lambda *i: step_on(backend.denoise, optimizer, z0, *i, False), z0, cond, optimizer,
+                        warmup_steps=settings.steps)  # never captures: the CPU cannot
+    torch.manual_seed(0)  # the dropout mask's RNG
+    losses = []
+    with backend.lora_training():
+        for _ in range(settings.steps):
+            sigma = sample_sigma(settings, generator)
+            if captured:
+                losses.append(float(step(*draw_step_inputs(z0, cond, settings, generator), sigma, edm_weight(sigma))))
+            else:
+                losses.append(float(queue_training_step(backend.denoise, optimizer, z0, cond, sigma, settings,
+                                                        generator)))
+    weights = torch.cat([p.detach().flatten().clone() for p in backend.lora_parameters()])
+    backend.detach_lora()
+    return losses, weights
+
+
+def test_static_inputs_carry_each_steps_draws():
+    """The static buffers get every step's noise, conditioning noise, sigma and EDM weight: a buffer left stale
+    (one step's noise trained on again, the clean conditioning) changes the losses by 4 % or more, far beyond the
+    3e-6 that computing the preconditioning from a float32 sigma tensor instead of a Python float explains."""
+    backend, frames = tiny_backend(seed=0), synthetic_clip(num_frames=3, height=64, width=64, seed=2)
+    settings = TrainingSettings(steps=4, learning_rate=1e-2, seed=5, mixed_precision=False,
+                                lora=LoraSpec(rank=4, dropout=0.1))
+    eager_losses, eager_weights = _steps(backend, frames, settings, captured=False)
+    losses, weights = _steps(backend, frames, settings, captured=True)
+    assert len(set(eager_losses)) == 4
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=2e-5, atol=0)
+    torch.testing.assert_close(weights, eager_weights, rtol=0, atol=2e-5 * float(eager_weights.abs().max()))
+
+
+@needs_cuda
+@pytest.mark.parametrize("mixed_precision", [False, True], ids=["fp32", "bf16"])
+def test_replayed_graph_trains_as_the_eager_loop(mixed_precision, monkeypatch):
+    """On CUDA: the same losses and LoRA as the eager loop (dropout included: the graph replays the device RNG at
+    the generator's offsets), and the graph really replayed the steps after the warm-up."""
+    replays = []
+    original = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: (replays.append(1), original(graph))[1])
+    backend, frames = tiny_backend(seed=0, device="cuda"), synthetic_clip(num_frames=3, height=64, width=64, seed=2)
+    settings = TrainingSettings(steps=6, learning_rate=1e-2, seed=5, mixed_precision=mixed_precision,
+                                lora=LoraSpec(rank=4, dropout=0.1))
+    eager = train_motion_lora(backend, frames, dataclasses.replace(settings, cuda_graph=False))
+    assert not replays
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture warns: it must not here
+        graphed = train_motion_lora(backend, frames, settings)
+    assert len(replays) == settings.steps - 2  # two eager warm-up steps, then every step replayed
+    tol = 1e-5 if not mixed_precision else 1e-3
+    torch.testing.assert_close(torch.tensor(graphed.losses), torch.tensor(eager.losses), rtol=tol, atol=0)
+    for name, tensor in eager.lora.tensors.items():
+        torch.testing.assert_close(graphed.lora.tensors[name], tensor, rtol=0,
+                                   atol=tol * float(tensor.abs().max()), msg=name)
+    backend.detach_lora()
+
+
+@needs_cuda
+def test_a_step_that_cannot_be_captured_runs_eagerly_with_a_warning():
+    """A denoiser that reads a value on the host cannot be captured: training warns and finishes eagerly, with
+    the eager loop's numbers."""
+    backend, frames = tiny_backend(seed=0, device="cuda"), synthetic_clip(num_frames=3, height=64, width=64, seed=2)
+    denoise = backend.denoise
+
+    def reads_the_host(x, sigma, cond, **kwargs):
+        float(x.abs().max())  # a device-to-host read: not allowed while capturing
+        return denoise(x, sigma, cond, **kwargs)
+
+    backend.denoise = reads_the_host
+    settings = TrainingSettings(steps=4, learning_rate=1e-2, seed=5, mixed_precision=False, lora=LoraSpec(rank=4))
+    eager = train_motion_lora(backend, frames, dataclasses.replace(settings, cuda_graph=False))
+    with pytest.warns(UserWarning, match="could not be captured as a CUDA graph"):
+        fallback = train_motion_lora(backend, frames, settings)
+    torch.testing.assert_close(torch.tensor(fallback.losses), torch.tensor(eager.losses), rtol=1e-5, atol=0)
+    backend.detach_lora()
