@@ -51,7 +51,9 @@ def _steps(backend, frames, settings, captured: bool):
     generator = torch.Generator().manual_seed(settings.seed)
     z0, cond = prepare_training_data(backend, frames, settings)
     backend.attach_lora(settings.lora, generator)
-    optimizer = torch.optim.AdamW(backend.lora_parameters(), lr=settings.learning_rate)
+    # SGD: AdamW's first updates are about lr x sign(gradient), so where rounding flips a near-zero gradient the
+    # weight moves by 2 lr; SGD's updates are the gradients themselves.
+    optimizer = torch.optim.SGD(backend.lora_parameters(), lr=settings.learning_rate)
     step = CapturedStep(lambda *i: step_on(backend.denoise, optimizer, z0, *i, False), z0, cond, optimizer,
                         warmup_steps=settings.steps)  # never captures: the CPU cannot
     torch.manual_seed(0)  # the dropout mask's RNG
@@ -87,7 +89,8 @@ def test_static_inputs_carry_each_steps_draws():
 @pytest.mark.parametrize("mixed_precision", [False, True], ids=["fp32", "bf16"])
 def test_replayed_graph_trains_as_the_eager_loop(mixed_precision, monkeypatch):
     """On CUDA: the same losses and LoRA as the eager loop (dropout included: the graph replays the device RNG at
-    the generator's offsets), and the graph really replayed the steps after the warm-up."""
+    the generator's offsets), and the graph really replayed the steps after the warm-up. SGD (as `_steps`)."""
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, **_: torch.optim.SGD(params, lr=lr))
     replays = []
     original = torch.cuda.CUDAGraph.replay
     monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: (replays.append(1), original(graph))[1])
@@ -109,9 +112,10 @@ def test_replayed_graph_trains_as_the_eager_loop(mixed_precision, monkeypatch):
 
 
 @needs_cuda
-def test_a_step_that_cannot_be_captured_runs_eagerly_with_a_warning():
+def test_a_step_that_cannot_be_captured_runs_eagerly_with_a_warning(monkeypatch):
     """A denoiser that reads a value on the host cannot be captured: training warns and finishes eagerly, with
-    the eager loop's numbers."""
+    the eager loop's numbers (SGD, as `_steps`)."""
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, **_: torch.optim.SGD(params, lr=lr))
     backend, frames = tiny_backend(seed=0, device="cuda"), synthetic_clip(num_frames=3, height=64, width=64, seed=2)
     denoise = backend.denoise
 
