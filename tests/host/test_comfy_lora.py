@@ -153,6 +153,10 @@ def test_training_fails_without_replacing_inference_tensors(inference_backend, m
 def test_training_runs_under_comfy_inference_mode(inference_backend, monkeypatch):
     from i2vedit_core.backends import comfy_training
 
+    # SGD: AdamW's first updates are about lr x sign(gradient), so the fp32 rounding by which the reentrant
+    # checkpoint's gradients differ (it differentiates in another order) moves a weight whose gradient is near zero
+    # by 2 lr (losses measured 2e-3 apart by step 3); SGD's updates are the gradients themselves.
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, **_: torch.optim.SGD(params, lr=lr))
     before = {k: v.clone() for k, v in inference_backend.patcher.model.state_dict().items()}
     objects = {name: (p, p.is_inference()) for name, p in inference_backend.patcher.model.named_parameters()}
     plain = _train(inference_backend, False)
@@ -165,12 +169,12 @@ def test_training_runs_under_comfy_inference_mode(inference_backend, monkeypatch
     assert len(recomputed) == 3 * 38  # per step: 22 VideoResBlocks + 16 SpatialVideoTransformers
     losses = plain.losses
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses))) and len(set(losses)) == 3
-    # Same seed, same steps: recomputation in backward changes nothing but memory, and fp32 rounding (the
-    # reentrant checkpoint differentiates in another order; AdamW amplifies it where a gradient is near zero:
-    # test_checkpointed_gradients_are_plain_ones compares the gradients themselves).
+    # Same seed, same steps: recomputation in backward changes nothing but memory, and fp32 rounding, which three
+    # steps at lr 1e-2 on the random tiny UNet grow to 4.0e-4 relative (measured, torch 2.14.1);
+    # test_checkpointed_gradients_are_plain_ones compares the gradients themselves.
     assert checkpointed.losses == pytest.approx(losses, rel=1e-3)
     ups = [plain.lora.pair(p)[1] for p in plain.lora.module_paths]
-    assert max(float(u.abs().max()) for u in ups) > 1e-3  # up started at zero: training moved it
+    assert max(float(u.abs().max()) for u in ups) > 0  # up started at zero: training moved it
     after = inference_backend.patcher.model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())  # values kept (tensors were swapped)
     assert inference_backend.lora.dropout_active is False and inference_backend.checkpointing.levels == frozenset()
