@@ -267,6 +267,15 @@ def bench_backend(name, modules, args, size, out):
         emit(out, "\n" + table(f"{label} (the lever off; otherwise as {name}-default)", rows, mems, eager_floor,
                                own_floor, train_scale))
         compare_latents(records, label, latents, f"{name}-default", out)
+    if args.graph_ab:
+        eager_training = dataclasses.replace(training, cuda_graph=False)
+        settings = memory_settings(None, training=eager_training, inversion=inversion, working_size=hw,
+                                   clip_length=frames)
+        rows, mems, latents = run_video(backend, frames, hw, settings, train_steps)
+        label = f"{name}-default-eager-training"
+        emit(out, "\n" + table(f"{label} (training step not captured as a CUDA graph; otherwise as {name}-default)",
+                               rows, mems, eager_floor, own_floor, train_scale))
+        compare_latents(records, label, latents, f"{name}-default", out)
     if name == "comfy" and args.scale:
         import scale
         scale.scale_runs(backend, records, args, out, emit, run_video, memory_settings, size)
@@ -310,6 +319,8 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (smoke run)")
     parser.add_argument("--out", default=None, help="folder for e2e.md and e2e.json")
     parser.add_argument("--lever-ab", action="store_true", help="comfy: also run with the LoRA branch upcast to fp32")
+    parser.add_argument("--graph-ab", action="store_true",
+                        help="also run the default setting with the training step eager (no CUDA graph)")
     parser.add_argument("--scale", action="store_true", help="comfy: 2-clip video, 25 frames, 768x1344 (scale.py)")
     parser.add_argument("--no-two-clips", action="store_true", help="--scale: only the peak-memory runs")
     parser.add_argument("--scale-train-steps", type=int, default=5, help="training steps per clip in the 2-clip run")
