@@ -102,3 +102,61 @@ def test_fused_kernel_under_interpreter():
     assert res["checkpoint_grad_diff"] == 0.0  # the recomputation redrew the forward's mask
     kept, dropped, every_element = res["grad_kept_or_dropped"]
     assert every_element and abs(kept - 0.7) < 0.05 and abs(dropped - 0.3) < 0.05  # p = 0.3: a mask acted
+
+
+_INTERPRETED_COMFY_RECOMPUTE = """
+import json, torch
+from i2vedit_core import branch_dropout as bd
+from i2vedit_core.backends import comfy_lora, comfy_training
+from i2vedit_core.lora import LoraSpec
+torch.manual_seed(0)
+block = torch.nn.Sequential(torch.nn.Linear(16, 16, bias=False), torch.nn.Tanh(), torch.nn.Linear(16, 16))
+paths = ["input_blocks.1.1.time_stack.0.attn1.to_q", "input_blocks.1.1.time_stack.0.attn1.to_k"]
+state = comfy_lora.LoraState()
+comfy_lora.attach(state, dict(zip(paths, (block[0], block[2]))), LoraSpec(rank=4, dropout=0.3, attn1_only=True),
+                  torch.device("cpu"), torch.Generator().manual_seed(1))
+with torch.no_grad():
+    for up in state.up.values():
+        up.normal_()
+for site, (path, linear) in enumerate(zip(paths, (block[0], block[2]))):
+    linear.forward = comfy_lora.LoraForward(linear, path, state, site)
+state.dropout_active = True
+switch = comfy_training.Switch(state)
+layer = comfy_training.CheckpointedForward(block, 0, switch)
+x = torch.randn(64, 8, 16, generator=torch.Generator().manual_seed(2))
+assert bd.fused_runs_on(x, x)
+
+def grads(levels):
+    switch.levels = levels
+    for p in state.parameters():
+        p.grad = None
+    torch.manual_seed(3)  # the call's dropout seed is drawn from the device RNG (here the CPU's)
+    with comfy_lora.lora_call((1.0, "clip")):
+        out = layer(x)
+    out.pow(2).sum().backward()  # after the call, as training's backward: the recomputation pins the call
+    return torch.cat([p.grad.flatten() for p in state.parameters()])
+
+plain, checkpointed = grads(frozenset()), grads(frozenset({0}))
+torch.manual_seed(4)
+with comfy_lora.lora_call((1.0, "clip")):
+    other_call = block(x)
+torch.manual_seed(3)
+with comfy_lora.lora_call((1.0, "clip")):
+    same_call = block(x)
+print(json.dumps(dict(diff=float((plain - checkpointed).abs().max() / plain.abs().max()),
+                      calls_differ=not torch.equal(other_call, same_call))))
+"""
+
+
+def test_a_checkpointed_comfy_layer_redraws_its_calls_masks_under_interpreter():
+    """The ComfyUI LoRA's fused dropout inside a checkpointed layer: the recomputation in backward, after the UNet
+    call has ended, draws the call's masks again (its LoraCall, with the call's dropout seed, pinned again), so
+    the gradients equal those without checkpointing. A recomputation with a fresh seed changes them."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.getcwd())
+    done = subprocess.run([sys.executable, "-c", _INTERPRETED_COMFY_RECOMPUTE], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads(done.stdout.strip().splitlines()[-1])
+    assert res["diff"] < 1e-6, res
+    assert res["calls_differ"], res  # another call's seed: other masks (the dropout acted)
