@@ -95,10 +95,15 @@ class CapturedStep:
     def _capture(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)  # backward inside the graph allocates them from its pool
         graph = torch.cuda.CUDAGraph()
+        generator = torch.cuda.default_generators[self.stream.device.index]
+        before = generator.clone_state()
         try:
             with torch.cuda.graph(graph, stream=self.stream):
                 loss = self._run()
         except Exception as error:  # noqa: BLE001  any failure to capture: the step is only slower eagerly
+            # A capture that fails midway leaves the device's generator marked as capturing, and every later
+            # random draw on the device would then fail: put back its state from before the capture.
+            generator.graphsafe_set_state(before)
             self.eager = True
             self.optimizer.zero_grad(set_to_none=True)
             warnings.warn(f"the training step could not be captured as a CUDA graph, so it runs eagerly (slower, "
