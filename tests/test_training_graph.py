@@ -88,8 +88,10 @@ def test_static_inputs_carry_each_steps_draws():
 @needs_cuda
 @pytest.mark.parametrize("mixed_precision", [False, True], ids=["fp32", "bf16"])
 def test_replayed_graph_trains_as_the_eager_loop(mixed_precision, monkeypatch):
-    """On CUDA: the same losses and LoRA as the eager loop (dropout included: the graph replays the device RNG at
-    the generator's offsets), and the graph really replayed the steps after the warm-up. SGD (as `_steps`)."""
+    """On CUDA: the losses and LoRA of the eager loop, and the graph really replayed the steps after the warm-up.
+    SGD (as `_steps`). Not bit for bit: the graph's preconditioning is computed from a float32 sigma tensor, and
+    the random tiny UNet amplifies that rounding at small sigma (measured 1.05e-4 relative by step 6 in fp32);
+    the masks themselves are compared in test_replays_draw_the_masks_eager_steps_would."""
     monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, **_: torch.optim.SGD(params, lr=lr))
     replays = []
     original = torch.cuda.CUDAGraph.replay
@@ -103,12 +105,41 @@ def test_replayed_graph_trains_as_the_eager_loop(mixed_precision, monkeypatch):
         warnings.simplefilter("error")  # a failed capture warns: it must not here
         graphed = train_motion_lora(backend, frames, settings)
     assert len(replays) == settings.steps - 2  # two eager warm-up steps, then every step replayed
-    tol = 1e-5 if not mixed_precision else 1e-3
-    torch.testing.assert_close(torch.tensor(graphed.losses), torch.tensor(eager.losses), rtol=tol, atol=0)
-    for name, tensor in eager.lora.tensors.items():
-        torch.testing.assert_close(graphed.lora.tensors[name], tensor, rtol=0,
-                                   atol=tol * float(tensor.abs().max()), msg=name)
+    torch.testing.assert_close(torch.tensor(graphed.losses), torch.tensor(eager.losses), rtol=1e-3, atol=0)
+    for path in eager.lora.module_paths:
+        for got, expected in zip(graphed.lora.pair(path), eager.lora.pair(path)):
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-3 * float(expected.abs().max()), msg=path)
     backend.detach_lora()
+
+
+@needs_cuda
+def test_replays_draw_the_masks_eager_steps_would():
+    """Each replay draws new dropout masks, the ones eager steps would have drawn: the fused kernel's per-call
+    device seed and F.dropout (the diffusers backend's) both come from the device generator, which torch
+    replays at its current offset. A seed frozen into the graph repeats one mask at every replay."""
+    from i2vedit_core.backends.base import Conditioning
+    from i2vedit_core.branch_dropout import DropoutSeed, add_dropped
+
+    z0 = torch.zeros(1, 2, 4, device=CUDA)
+    cond = Conditioning(torch.zeros(1, 1, 4, device=CUDA), torch.zeros(1, 2, 4, device=CUDA),
+                        torch.zeros(1, 3, device=CUDA))
+    ones = torch.ones(4 * 4096, device=CUDA)
+
+    def body(noise, cond, sigma, weight):
+        fused = add_dropped(torch.zeros_like(ones), ones, 0.5, DropoutSeed(), site=7)
+        return torch.stack([fused, torch.nn.functional.dropout(ones, 0.5)])
+
+    def masks(warmup_steps):
+        torch.manual_seed(0)
+        step = CapturedStep(body, z0, cond, torch.optim.SGD([torch.zeros(1, device=CUDA)], lr=0.0), warmup_steps)
+        drawn = torch.stack([step(z0, cond, 1.0, 2.0) for _ in range(5)]).cpu()
+        return drawn, step.graph is not None
+
+    eager, _ = masks(warmup_steps=10)
+    replayed, captured = masks(warmup_steps=2)
+    assert captured
+    assert not torch.equal(eager[3], eager[4])  # the masks change from step to step
+    torch.testing.assert_close(replayed, eager, rtol=0, atol=0)
 
 
 @needs_cuda
@@ -128,5 +159,6 @@ def test_a_step_that_cannot_be_captured_runs_eagerly_with_a_warning(monkeypatch)
     eager = train_motion_lora(backend, frames, dataclasses.replace(settings, cuda_graph=False))
     with pytest.warns(UserWarning, match="could not be captured as a CUDA graph"):
         fallback = train_motion_lora(backend, frames, settings)
-    torch.testing.assert_close(torch.tensor(fallback.losses), torch.tensor(eager.losses), rtol=1e-5, atol=0)
+    # The fallback's steps take sigma as a float32 tensor (measured 1.6e-5 relative from the eager loop by step 4).
+    torch.testing.assert_close(torch.tensor(fallback.losses), torch.tensor(eager.losses), rtol=1e-4, atol=0)
     backend.detach_lora()
