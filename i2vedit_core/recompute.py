@@ -13,7 +13,9 @@ form takes no keywords). Inside torch.compile the non-reentrant form is used: dy
 While a CUDA graph is being captured (training_graph.py) no RNG state is saved or restored (a capture cannot
 read or set the device's): the layers recomputed then draw nothing on the host, since the fused LoRA dropout
 keys on the UNet call's device seed (branch_dropout.py), and backends whose recomputation needs the RNG
-restored are not captured with checkpointing (their `capturable_training`). What the reentrant form asks of its callers: a layer returns a tensor or a flat tuple (autograd tracks a
+restored are not captured with checkpointing (their `capturable_training`).
+
+What the reentrant form asks of its callers: a layer returns a tensor or a flat tuple (autograd tracks a
 Function's top-level tensors only: anything nested would silently get no gradient, so it is refused); the
 layer does not branch on grad mode (its first run is without autograd); training calls loss.backward(), not
 torch.autograd.grad.
