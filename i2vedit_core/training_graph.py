@@ -71,7 +71,9 @@ class CapturedStep:
             self.graph.replay()
             return self.loss.clone()  # the next replay overwrites the static loss before it is read
         self.warmup_left -= 1
-        return self._on_side_stream(self._run)
+        with warnings.catch_warnings():  # AdamW(capturable=True) warns when stepped uncaptured, as warm-up is
+            warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
+            return self._on_side_stream(self._run)
 
     def release(self) -> None:
         """Free the graph's memory pool and the static buffers' hold on it."""
