@@ -215,3 +215,11 @@ def test_cli_compile_training_flag():
     assert on.training.compile is True
     assert settings_from(build_parser().parse_args(["--no-compile-training"])).training.compile is False
     assert settings_from(build_parser().parse_args([])).training.compile is None
+
+
+def test_cli_cuda_graph_flag():
+    """The captured training step is on by default; --no-cuda-graph asks for eager steps."""
+    from i2vedit_core.cli import build_parser, settings_from
+
+    assert settings_from(build_parser().parse_args([])).training.cuda_graph is True
+    assert settings_from(build_parser().parse_args(["--no-cuda-graph"])).training.cuda_graph is False
