@@ -255,17 +255,14 @@ def _run_steps(backend, denoise, z0, cond, settings, generator, progress, cancel
             backend.lora_training(settings.gradient_checkpointing), contextlib.ExitStack() as speedups:
         speedups.enter_context(compiled_unet(backend, compile_with))
         torch.manual_seed(settings.seed)
-        captured = None
+        run_step = lambda *inputs: step_on(denoise, optimizer, z0, *inputs, settings.mixed_precision)  # noqa: E731
         if graphed:
-            captured = CapturedStep(lambda *inputs: step_on(denoise, optimizer, z0, *inputs, settings.mixed_precision),
-                                    z0, cond, optimizer)
-            speedups.callback(captured.release)
+            run_step = CapturedStep(run_step, z0, cond, optimizer)
+            speedups.callback(run_step.release)
 
         def one_step():
             sigma = sample_sigma(settings, generator)
-            if captured is None:
-                return sigma, queue_training_step(denoise, optimizer, z0, cond, sigma, settings, generator)
-            return sigma, captured(*draw_step_inputs(z0, cond, settings, generator), sigma, edm_weight(sigma))
+            return sigma, run_step(*draw_step_inputs(z0, cond, settings, generator), sigma, edm_weight(sigma))
 
         def report(step, sigma, loss):
             losses.append(float(loss))

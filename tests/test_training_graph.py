@@ -18,6 +18,13 @@ CUDA = torch.device("cuda")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 
 
+@pytest.fixture
+def sgd_for_adamw(monkeypatch):
+    """Training's AdamW replaced by SGD: AdamW's first updates are about lr x sign(gradient), so where rounding flips
+    a near-zero gradient the weight moves by 2 lr; SGD's updates are the gradients themselves."""
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, **_: torch.optim.SGD(params, lr=lr))
+
+
 class Capturable:
     def __init__(self, without_checkpointing_only):
         self.only_plain = without_checkpointing_only
@@ -87,12 +94,11 @@ def test_static_inputs_carry_each_steps_draws():
 
 @needs_cuda
 @pytest.mark.parametrize("mixed_precision", [False, True], ids=["fp32", "bf16"])
-def test_replayed_graph_trains_as_the_eager_loop(mixed_precision, monkeypatch):
+def test_replayed_graph_trains_as_the_eager_loop(mixed_precision, monkeypatch, sgd_for_adamw):
     """On CUDA: the losses and LoRA of the eager loop, and the graph really replayed the steps after the warm-up.
     SGD (as `_steps`). Not bit for bit: the graph's preconditioning is computed from a float32 sigma tensor, and
     the random tiny UNet amplifies that rounding at small sigma (measured 1.05e-4 relative by step 6 in fp32);
     the masks themselves are compared in test_replays_draw_the_masks_eager_steps_would."""
-    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, **_: torch.optim.SGD(params, lr=lr))
     replays = []
     original = torch.cuda.CUDAGraph.replay
     monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: (replays.append(1), original(graph))[1])
@@ -143,10 +149,9 @@ def test_replays_draw_the_masks_eager_steps_would():
 
 
 @needs_cuda
-def test_a_step_that_cannot_be_captured_runs_eagerly_with_a_warning(monkeypatch):
+def test_a_step_that_cannot_be_captured_runs_eagerly_with_a_warning(sgd_for_adamw):
     """A denoiser that reads a value on the host cannot be captured: training warns and finishes eagerly, with
     the eager loop's numbers (SGD, as `_steps`)."""
-    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, **_: torch.optim.SGD(params, lr=lr))
     backend, frames = tiny_backend(seed=0, device="cuda"), synthetic_clip(num_frames=3, height=64, width=64, seed=2)
     denoise = backend.denoise
 
