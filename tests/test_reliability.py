@@ -320,7 +320,7 @@ def _oom(*args, **kwargs):
 
 
 @pytest.mark.parametrize("stage, where", [
-    ("inversion", "backend.denoise"), ("motion-LoRA training", "training.queue_training_step"),
+    ("inversion", "backend.denoise"), ("motion-LoRA training", "training.step_on"),
     ("denoising", "pipeline.edit_clip"), ("VAE decoding", "backend.decode")])
 @pytest.mark.parametrize("memory, lower", [("fast", "24gb"), ("24gb", "12gb"), ("12gb", None)])
 def test_out_of_memory_names_the_next_memory_setting_down(backend, video, monkeypatch, stage, where, memory, lower):

@@ -89,7 +89,7 @@ FAILURES = {
     "exception_mid_forward": (lambda n, p, s, c, r, m: (
         m.setattr(AttentionController, "attend", _fail_in_edit_forward(AttentionController.attend)),
         propagate(n, p, s, r["inversion"], r["loras"])), RuntimeError, "injected failure inside attention"),
-    "oom_in_training": (lambda n, p, s, c, r, m: (m.setattr("i2vedit_core.training.queue_training_step", _oom),
+    "oom_in_training": (lambda n, p, s, c, r, m: (m.setattr("i2vedit_core.training.step_on", _oom),
                                                   train(n, p, c, r["inversion"])), OutOfMemory, "memory to '24gb'"),
     "oom_in_decode": (lambda n, p, s, c, r, m: (
         m.setattr("i2vedit_core.backends.comfy.ComfyBackend.decode", _oom),
