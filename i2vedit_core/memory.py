@@ -2,9 +2,9 @@
 and every node's `memory` widget mean.
 
 A setting is a tier name, "auto" or a GiB budget; it resolves to a `MemoryPlan` that decides
-  checkpointing  which UNet layers training recomputes in backward (`checkpointed_levels`, the one
-                 definition both backends apply: the spatio-temporal ResBlocks and transformers of the
-                 given number of finest resolution levels);
+  checkpointing  which UNet layers training recomputes in backward (`checkpointed_layers`, the one
+                 definition both backends apply: (resolution level, kind) pairs, a kind being the
+                 spatio-temporal ResBlocks or the transformers of that level);
   decode_chunk   frames per VAE decode call (the SVD decoder mixes the frames of a call, so this is
                  the one tier setting that changes decoded pixels);
   offload        whether the VAE and CLIP image encoder leave the GPU while the UNet runs;
@@ -15,17 +15,19 @@ A setting is a tier name, "auto" or a GiB budget; it resolves to a `MemoryPlan` 
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, FrozenSet, Optional, Tuple, Union
 
 import torch
 
 GIB = 2 ** 30
+LAYER_KINDS = ("resblock", "transformer")  # the heavy layers of each level that training may recompute
+Layers = FrozenSet[Tuple[int, str]]  # (resolution level, 0 = finest; kind)
 
 
 @dataclass(frozen=True)
 class MemoryPlan:
     tier: str
-    checkpointing: Union[bool, int]  # False: none; int n: the n finest levels; True: every level
+    checkpointing: Union[bool, int, Layers]  # False: none; n: the n finest levels; True: all; or (level, kind) pairs
     decode_chunk: int
     offload: bool
     compile: bool = False
@@ -90,13 +92,61 @@ def next_lower(tier: str) -> Optional[str]:
     return TIERS[index + 1] if index + 1 < len(TIERS) else None
 
 
-def checkpointed_levels(levels: int, checkpointing: Union[bool, int]) -> frozenset:
-    """Resolution levels (0 = finest, as the UNet's down blocks count) whose spatio-temporal ResBlocks and
-    transformers are recomputed in backward. A coarser level costs as much compute per layer (4x fewer
-    tokens, 2x wider) but holds a quarter of the activations, so the finest levels go first."""
+def checkpointed_layers(levels: int, checkpointing) -> Layers:
+    """(level, kind) pairs of the UNet layers recomputed in backward; levels count from 0 = finest, as the UNet's
+    down blocks do. checkpointing: False (none), True (every layer), n (every layer of the n finest levels: a
+    coarser level costs as much compute per layer, 4x fewer tokens and 2x wider, but holds a quarter of the
+    activations, so the finest go first), or (level, kind) pairs, a kind from LAYER_KINDS."""
     if checkpointing is True:
-        return frozenset(range(levels))
-    return frozenset(range(min(int(checkpointing or 0), levels)))
+        return frozenset((level, kind) for level in range(levels) for kind in LAYER_KINDS)
+    if checkpointing is None or isinstance(checkpointing, (bool, int)):
+        return checkpointed_layers(levels, frozenset((level, kind) for level in range(min(int(checkpointing or 0), levels))
+                                                     for kind in LAYER_KINDS))
+    pairs = frozenset((int(level), kind) for level, kind in checkpointing)
+    wrong = sorted(pair for pair in pairs if pair[1] not in LAYER_KINDS or not 0 <= pair[0] < levels)
+    if wrong:
+        raise ValueError(f"checkpointed layers must be (level in 0..{levels - 1}, kind in {LAYER_KINDS}), got {wrong}")
+    return pairs
+
+
+def checkpoint_setting(checkpointing):
+    """A checkpointing setting in a hashable, JSON-writable form: bool and counts as they are, pairs as a sorted
+    tuple of (level, kind) tuples (a LoRA's metadata records its training settings)."""
+    if checkpointing is None or isinstance(checkpointing, (bool, int)):
+        return checkpointing
+    return tuple(sorted((int(level), str(kind)) for level, kind in checkpointing))
+
+
+def parse_layers(text: str):
+    """A checkpointing setting from text (benchmarks' --checkpointing): "none", "all", a level count ("3": the 3
+    finest levels), or a set of comma-separated levels, each optionally restricted to one kind by its initial
+    ("0,1,2r": every layer of levels 0 and 1 and the ResBlocks of level 2)."""
+    text = text.strip().lower()
+    if text in ("none", "all"):
+        return text == "all"
+    if text.isdigit():
+        return int(text) or False
+    pairs = set()
+    for token in filter(None, (t.strip() for t in text.split(","))):
+        level, initial = (token[:-1], token[-1]) if token[-1].isalpha() else (token, "")
+        kinds = [k for k in LAYER_KINDS if k.startswith(initial)] if initial else list(LAYER_KINDS)
+        if not level.isdigit() or not kinds:
+            raise ValueError(f"checkpointing: {token!r} is not a level with an optional kind initial "
+                             f"({', '.join(k[0] for k in LAYER_KINDS)}), as in 0,1,2r")
+        pairs.update((int(level), kind) for kind in kinds)
+    return frozenset(pairs)
+
+
+def layers_text(layers: Layers) -> str:
+    """`parse_layers`'s notation of a pair set, whole levels without an initial ("0,1,2r"), except a lone whole
+    level, which would read as a count ("0r,0t")."""
+    def spelled(level, whole):
+        kinds = [kind for kind in LAYER_KINDS if (level, kind) in layers]
+        return str(level) if whole and len(kinds) == len(LAYER_KINDS) else ",".join(f"{level}{k[0]}" for k in kinds)
+
+    levels = sorted({level for level, _ in layers})
+    text = ",".join(spelled(level, True) for level in levels)
+    return ",".join(spelled(level, False) for level in levels) if text.isdigit() else text or "none"
 
 
 def oom_advice(plan: MemoryPlan) -> str:

@@ -21,6 +21,7 @@ from .backends.base import Conditioning
 from .conditioning import MicroConditioning, host_randn, latent_conditioning, with_latent_noise
 from .frames import SIZE_MULTIPLE, as_frame_batch
 from .lora import LoraSpec, MotionLora, clip_fingerprint
+from .memory import checkpoint_setting
 from .schedule import SIGMA_MAX, SIGMA_MIN
 from .training_graph import CapturedStep, graph_applies
 
@@ -44,7 +45,8 @@ class TrainingSettings:
     micro: MicroConditioning = field(default_factory=MicroConditioning)
     max_pixels: int = 512 * 896  # larger clips are downscaled to about this area, aspect kept
     mixed_precision: bool = True  # bf16 autocast on CUDA (LoRA weights stay fp32); fp32 on CPU
-    gradient_checkpointing: Union[bool, int] = False  # True: every level; n: the n finest (memory.py)
+    # True: every layer; n: the n finest levels; or (level, kind) pairs, kept as a sorted tuple (memory.py)
+    gradient_checkpointing: Union[bool, int, tuple] = False
     # torch.compile of the UNet for the steps: None = the memory plan decides (pipeline), False = off,
     # True = inductor on CUDA (off on the CPU), or a torch.compile backend name used on any device.
     compile: Union[None, bool, str] = None
@@ -58,6 +60,7 @@ class TrainingSettings:
         if not (isinstance(self.steps, int) and self.steps >= 1):
             raise ValueError(f"training steps must be a positive integer (paper: 250; for no motion LoRA "
                              f"pass training=None), got {self.steps!r}")
+        object.__setattr__(self, "gradient_checkpointing", checkpoint_setting(self.gradient_checkpointing))
         # NaN fails every comparison below, so it is refused with the same messages.
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"learning_rate must be a finite value > 0 (paper: 5e-4), got {self.learning_rate}")

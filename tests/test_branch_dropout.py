@@ -122,12 +122,12 @@ for site, (path, linear) in enumerate(zip(paths, (block[0], block[2]))):
     linear.forward = comfy_lora.LoraForward(linear, path, state, site)
 state.dropout_active = True
 switch = comfy_training.Switch(state)
-layer = comfy_training.CheckpointedForward(block, 0, switch)
+layer = comfy_training.CheckpointedForward(block, (0, "transformer"), switch)
 x = torch.randn(64, 8, 16, generator=torch.Generator().manual_seed(2))
 assert bd.fused_runs_on(x, x)
 
-def grads(levels):
-    switch.levels = levels
+def grads(layers):
+    switch.layers = layers
     for p in state.parameters():
         p.grad = None
     torch.manual_seed(3)  # the call's dropout seed is drawn from the device RNG (here the CPU's)
@@ -136,7 +136,7 @@ def grads(levels):
     out.pow(2).sum().backward()  # after the call, as training's backward: the recomputation pins the call
     return torch.cat([p.grad.flatten() for p in state.parameters()])
 
-plain, checkpointed = grads(frozenset()), grads(frozenset({0}))
+plain, checkpointed = grads(frozenset()), grads(frozenset({(0, "transformer")}))
 torch.manual_seed(4)
 with comfy_lora.lora_call((1.0, "clip")):
     other_call = block(x)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from i2vedit_core.inversion import InversionSettings, invert_clip
-from i2vedit_core.memory import GIB, MemoryPolicy, checkpointed_levels, next_lower, plan_of
+from i2vedit_core.memory import (GIB, MemoryPolicy, checkpointed_layers, layers_text, next_lower, parse_layers,
+                                 plan_of)
 from i2vedit_core.pipeline import PipelineSettings, memory_plan, with_plan
 from i2vedit_core.tiny import synthetic_clip, tiny_backend
 from i2vedit_core.training import TrainingSettings, train_motion_lora
@@ -31,9 +32,30 @@ def test_auto_reads_free_memory_and_budgets_pick_a_tier():
 
 
 def test_checkpoint_set_counts_levels_from_the_finest():
-    assert checkpointed_levels(4, False) == frozenset()
-    assert checkpointed_levels(4, 2) == {0, 1}
-    assert checkpointed_levels(4, True) == {0, 1, 2, 3}
+    both = ("resblock", "transformer")
+    assert checkpointed_layers(4, False) == frozenset()
+    assert checkpointed_layers(4, 2) == {(level, kind) for level in (0, 1) for kind in both}
+    assert checkpointed_layers(4, True) == {(level, kind) for level in range(4) for kind in both}
+    assert checkpointed_layers(4, 9) == checkpointed_layers(4, True)
+    assert checkpointed_layers(4, [(2, "resblock")]) == {(2, "resblock")}
+    with pytest.raises(ValueError, match="level in 0..3"):
+        checkpointed_layers(4, [(4, "resblock")])
+    with pytest.raises(ValueError, match="kind in"):
+        checkpointed_layers(4, [(0, "attention")])
+
+
+def test_checkpoint_notation_round_trips():
+    assert parse_layers("none") is False and parse_layers("0") is False and parse_layers("all") is True
+    assert parse_layers("3") == 3  # a count of the finest levels, as the tiers name them
+    assert parse_layers("0,1,2r") == {(0, "resblock"), (0, "transformer"), (1, "resblock"), (1, "transformer"),
+                                      (2, "resblock")}
+    assert parse_layers(" 3t ") == {(3, "transformer")}
+    for text in ("0,1,2r", "1t,2,3r", "0r,0t"):
+        assert parse_layers(layers_text(parse_layers(text))) == parse_layers(text)
+    assert layers_text(parse_layers("0r,0t")) == "0r,0t" and layers_text(parse_layers("0,1r")) == "0,1r"
+    assert layers_text(frozenset()) == "none"
+    with pytest.raises(ValueError, match="as in 0,1,2r"):
+        parse_layers("0,1x")
 
 
 def test_pipeline_settings_follow_the_plan():
@@ -48,21 +70,23 @@ def test_pipeline_settings_follow_the_plan():
 
 
 def test_both_backends_checkpoint_the_same_layers():
-    """The diffusers backend wraps the ResBlocks and transformers of exactly the levels the plan names."""
-    from i2vedit_core.backends.diffusers_checkpointing import checkpointing, heavy_layers_by_level
+    """The diffusers backend wraps the ResBlocks and transformers of exactly the (level, kind) pairs the plan
+    names, and every module of a chosen pair."""
+    from i2vedit_core.backends.diffusers_checkpointing import checkpointing, heavy_layers
 
     backend = tiny_backend(seed=0)
-    layers = heavy_layers_by_level(backend.unet)
-    for levels in (False, 1, True):
-        with checkpointing(backend.unet, levels):
-            wrapped = {level for level, modules in layers.items() for m in modules if "forward" in vars(m)}
-            partial = [level for level, modules in layers.items()
+    layers = heavy_layers(backend.unet)
+    assert {kind for _, kind in layers} == {"resblock", "transformer"} and all(layers.values())
+    for setting in (False, 1, True, parse_layers("0r,1t")):
+        with checkpointing(backend.unet, setting):
+            wrapped = {layer for layer, modules in layers.items() for m in modules if "forward" in vars(m)}
+            partial = [layer for layer, modules in layers.items()
                        if 0 < sum("forward" in vars(m) for m in modules) < len(modules)]
-        assert wrapped == checkpointed_levels(len(backend.unet.down_blocks), levels) and not partial
+        assert wrapped == checkpointed_layers(len(backend.unet.down_blocks), setting) and not partial
         assert not any("forward" in vars(m) for m in backend.unet.modules())
 
 
-@pytest.mark.parametrize("levels", [1, True])
+@pytest.mark.parametrize("levels", [1, True, parse_layers("0t,1r")])
 def test_checkpointed_skip_interval_training_matches_plain(levels, monkeypatch):
     """Backward re-runs checkpointed temporal attention: the clip-0 K/V must still be there. Plain SGD, so the
     weights move by the gradients themselves (test_training: AdamW amplifies fp32 rounding near zero)."""

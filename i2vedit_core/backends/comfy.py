@@ -187,7 +187,7 @@ class ComfyBackend:
 
     def lora_training(self, gradient_checkpointing=False):
         """Inference mode off (ComfyUI runs nodes inside it), LoRA dropout on, optional checkpointing
-        (False, True or a level count: `memory.checkpointed_levels`)."""
+        (False, True, a level count or (level, kind) pairs: `memory.checkpointed_layers`)."""
         levels = len(self.patcher.model.diffusion_model.channel_mult)
         return comfy_training.training_mode(self.lora, self.checkpointing, gradient_checkpointing, levels,
                                             self.patcher.model)

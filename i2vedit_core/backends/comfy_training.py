@@ -11,8 +11,8 @@ inference-ness afterwards).
 
 Gradient checkpointing wraps the heavy layers of the UNet's blocks (VideoResBlock and
 SpatialVideoTransformer, as core TrainLoraNode's `patch` does for top-level children) with
-object-patched forwards that checkpoint only while their resolution level is switched on
-(`memory.checkpointed_levels`, the set the diffusers backend checkpoints too) and autograd is recording.
+object-patched forwards that checkpoint only while their (resolution level, kind) is switched on
+(`memory.checkpointed_layers`, the set the diffusers backend checkpoints too) and autograd is recording.
 """
 
 from contextlib import contextmanager
@@ -20,21 +20,21 @@ from typing import Iterator, List, Tuple
 
 import torch
 
-from ..memory import checkpointed_levels
+from ..memory import checkpointed_layers
 from ..recompute import recompute
 from . import comfy_lora
 from .comfy_attention import level_of
 
-HEAVY_LAYERS = ("VideoResBlock", "SpatialVideoTransformer")
+HEAVY_LAYERS = {"VideoResBlock": "resblock", "SpatialVideoTransformer": "transformer"}  # class -> memory.LAYER_KINDS
 
 
 class Switch:
-    """Training state of one backend: the checkpointed levels its object patches read, its LoRA state
+    """Training state of one backend: the checkpointed (level, kind) pairs its object patches read, its LoRA state
     (whose call value a recomputation pins again), and the shared model's inference tensors swapped out
     while training (name -> original object)."""
 
     def __init__(self, lora: comfy_lora.LoraState):
-        self.levels = frozenset()
+        self.layers = frozenset()
         self.lora = lora
         self.swapped = {}
         self._slots = None
@@ -47,14 +47,14 @@ class Switch:
 
 
 class CheckpointedForward:
-    """Replacement `forward` of one UNet layer: recomputed in backward while its level is switched on."""
+    """Replacement `forward` of one UNet layer: recomputed in backward while its (level, kind) is switched on."""
 
-    def __init__(self, module: torch.nn.Module, level: int, switch: Switch, holds_lora: bool = True):
-        self.module, self.level, self.switch, self.holds_lora = module, level, switch, holds_lora
+    def __init__(self, module: torch.nn.Module, layer, switch: Switch, holds_lora: bool = True):
+        self.module, self.layer, self.switch, self.holds_lora = module, layer, switch, holds_lora
 
     def __call__(self, *args, **kwargs):
         forward = type(self.module).forward
-        if self.level in self.switch.levels and torch.is_grad_enabled():
+        if self.layer in self.switch.layers and torch.is_grad_enabled():
             lora = self.switch.lora
             call = comfy_lora.as_call(comfy_lora.current_call(lora))
             return recompute(recompute_with(forward, lora, call), self.module, *args,
@@ -78,9 +78,10 @@ def install_checkpointing(patcher, diffusion_model, switch: Switch, adaptable) -
     per_block, levels = int(diffusion_model.num_res_blocks[0]) + 1, len(diffusion_model.channel_mult)
     adaptable = {id(linear) for linear in adaptable}
     for path, module in diffusion_model.named_modules():
-        if type(module).__name__ in HEAVY_LAYERS and path.startswith(("input_blocks.", "middle_block.", "output_blocks.")):
+        kind = HEAVY_LAYERS.get(type(module).__name__)
+        if kind and path.startswith(("input_blocks.", "middle_block.", "output_blocks.")):
             holds_lora = any(id(m) in adaptable for m in module.modules())
-            forward = CheckpointedForward(module, level_of(path, per_block, levels), switch, holds_lora)
+            forward = CheckpointedForward(module, (level_of(path, per_block, levels), kind), switch, holds_lora)
             patcher.add_object_patch(f"diffusion_model.{path}.forward", forward)
 
 
@@ -145,15 +146,15 @@ def training_mode(lora_state, switch: Switch, gradient_checkpointing, levels: in
     import comfy.model_management as mm
 
     had_flag = hasattr(mm, "in_training")  # newer ComfyUI switches to out-of-place ops with it
-    previous = (lora_state.dropout_active, switch.levels, getattr(mm, "in_training", None))
-    lora_state.dropout_active, switch.levels = True, checkpointed_levels(levels, gradient_checkpointing)
+    previous = (lora_state.dropout_active, switch.layers, getattr(mm, "in_training", None))
+    lora_state.dropout_active, switch.layers = True, checkpointed_layers(levels, gradient_checkpointing)
     if had_flag:
         mm.in_training = True
     try:
         with torch.inference_mode(False):
             yield
     finally:
-        lora_state.dropout_active, switch.levels = previous[0], previous[1]
+        lora_state.dropout_active, switch.layers = previous[0], previous[1]
         restore_inference_tensors(model, switch.swapped)
         if had_flag:
             mm.in_training = previous[2]

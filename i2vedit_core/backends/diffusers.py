@@ -128,7 +128,7 @@ class DiffusersBackend:
         diffusers_lora.load_lora(self.unet, lora, slot)
 
     def lora_training(self, gradient_checkpointing=False):
-        """gradient_checkpointing: False, True or a level count (`memory.checkpointed_levels`)."""
+        """gradient_checkpointing: False, True, a level count or (level, kind) pairs (`memory.checkpointed_layers`)."""
         stack = ExitStack()
         stack.enter_context(diffusers_lora.lora_training(self.unet))
         stack.enter_context(checkpointing(self.unet, gradient_checkpointing))

@@ -1,18 +1,19 @@
-"""Activation checkpointing of the diffusers SVD UNet for training, on the layers `memory.checkpointed_levels`
+"""Activation checkpointing of the diffusers SVD UNet for training, on the layers `memory.checkpointed_layers`
 names (the ComfyUI backend checkpoints the same ones, comfy_training.py)."""
 
 from contextlib import contextmanager
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
 
-from ..memory import checkpointed_levels
+from ..memory import checkpointed_layers
 from ..recompute import recompute
 
 
 @contextmanager
 def checkpointing(unet, levels):
-    """levels: False, True (every level) or n (the n finest levels); the wrappers are removed afterwards."""
+    """levels: False, True (every layer), n (the n finest levels) or (level, kind) pairs; the wrappers are removed
+    afterwards."""
     checkpointed = _checkpoint_heavy_layers(unet, levels)
     try:
         yield
@@ -21,14 +22,16 @@ def checkpointing(unet, levels):
             del module.forward  # back to the class's forward
 
 
-def heavy_layers_by_level(unet) -> Dict[int, list]:
-    """{resolution level (0 = finest): its spatio-temporal ResBlocks and transformers}, as `memory` counts them."""
+def heavy_layers(unet) -> Dict[Tuple[int, str], list]:
+    """{(resolution level (0 = finest), kind): its spatio-temporal ResBlocks or its transformers}, as `memory`
+    counts them."""
     levels = len(unet.down_blocks)
     blocks = [(i, b) for i, b in enumerate(unet.down_blocks)] + [(levels - 1, unet.mid_block)]
     blocks += [(levels - 1 - i, b) for i, b in enumerate(unet.up_blocks)]
-    found: Dict[int, list] = {}
+    found: Dict[Tuple[int, str], list] = {}
     for level, block in blocks:
-        found.setdefault(level, []).extend(list(block.resnets) + list(getattr(block, "attentions", [])))
+        found.setdefault((level, "resblock"), []).extend(block.resnets)
+        found.setdefault((level, "transformer"), []).extend(getattr(block, "attentions", []))
     return found
 
 
@@ -36,9 +39,9 @@ def _checkpoint_heavy_layers(unet, gradient_checkpointing) -> list:
     """Recompute the chosen levels' layers in backward instead of keeping their activations. Wrapped here
     rather than through diffusers' own flags: those checkpoint only the resnets, the transformers only in
     train mode (the UNet stays in eval mode)."""
-    layers = heavy_layers_by_level(unet)
-    modules = [m for level in sorted(checkpointed_levels(len(unet.down_blocks), gradient_checkpointing))
-               for m in layers.get(level, [])]
+    layers = heavy_layers(unet)
+    modules = [m for layer in sorted(checkpointed_layers(len(unet.down_blocks), gradient_checkpointing))
+               for m in layers.get(layer, [])]
     for module in modules:
         module.forward = _checkpointed(module, module.forward)
     return modules

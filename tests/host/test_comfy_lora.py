@@ -177,7 +177,7 @@ def test_training_runs_under_comfy_inference_mode(inference_backend, monkeypatch
     assert max(float(u.abs().max()) for u in ups) > 0  # up started at zero: training moved it
     after = inference_backend.patcher.model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())  # values kept (tensors were swapped)
-    assert inference_backend.lora.dropout_active is False and inference_backend.checkpointing.levels == frozenset()
+    assert inference_backend.lora.dropout_active is False and inference_backend.checkpointing.layers == frozenset()
     assert not inference_backend.checkpointing.swapped
 
 

@@ -90,11 +90,11 @@ def test_checkpointed_recompute_runs_with_the_calls_lora_scale():
         state.up[PATH].normal_()
     block[0].forward = comfy_lora.LoraForward(block[0], PATH, state)
     switch = comfy_training.Switch(state)
-    layer = comfy_training.CheckpointedForward(block, 0, switch)
+    layer = comfy_training.CheckpointedForward(block, (0, "transformer"), switch)
     x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
 
-    def grads(levels):
-        switch.levels = levels
+    def grads(layers):
+        switch.layers = layers
         for p in state.parameters():
             p.grad = None
         with comfy_lora.lora_call((0.5, "clip")):
@@ -102,7 +102,7 @@ def test_checkpointed_recompute_runs_with_the_calls_lora_scale():
         y.pow(2).sum().backward()  # outside the call, as training's loss.backward() is
         return [p.grad.clone() for p in state.parameters()]
 
-    plain, recomputed = grads(frozenset()), grads(frozenset({0}))
+    plain, recomputed = grads(frozenset()), grads(frozenset({(0, "transformer")}))
     assert all(float(g.abs().max()) > 1e-4 for g in plain)
     for a, b in zip(plain, recomputed):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
