@@ -48,6 +48,23 @@ class DropoutSeed:
         return self._tensor
 
 
+class CallSeeds:
+    """The DropoutSeed of the UNet call running now, for Linears that cannot be handed it (the diffusers
+    backend's peft layers): a call sets one for its duration, and a checkpointed layer's recomputation sets the
+    same one again."""
+
+    def __init__(self):
+        self.current: Optional[DropoutSeed] = None
+
+    @contextlib.contextmanager
+    def call(self, seed: Optional[DropoutSeed] = None):
+        previous, self.current = self.current, seed if seed is not None else DropoutSeed()
+        try:
+            yield self.current
+        finally:
+            self.current = previous
+
+
 def add_dropped(base: torch.Tensor, branch: torch.Tensor, p: float, seed: Optional[DropoutSeed] = None,
                 site: int = 0) -> torch.Tensor:
     """base + dropout(branch, p) (training), in base's dtype; base and branch have one shape. seed: the UNet

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 from kornia.geometry.transform import resize
 
+from ..branch_dropout import CallSeeds, triton
 from ..schedule import edm_v_preconditioning
 from .base import Conditioning
 from .standalone import check_versions
@@ -34,6 +35,7 @@ class DiffusersBackend:
         self.latent_scale = float(vae.config.scaling_factor)
         self.clip_size = int(image_encoder.config.image_size)
         self.offload = False
+        self.dropout_seeds = CallSeeds()  # the running UNet call's LoRA dropout seed (diffusers_lora)
         for module in (unet, vae, image_encoder):
             module.eval().requires_grad_(False)
 
@@ -87,7 +89,8 @@ class DiffusersBackend:
         x = x.to(self.device, self.state_dtype)
         model_in = torch.cat([x * pre.c_in, cond.image_latents.to(x)], dim=2)
         timestep = torch.as_tensor(pre.c_noise, dtype=torch.float32, device=self.device)
-        with use_attention(self.unet, attention), use_lora_scale(self.unet, lora_scale, lora_slot):
+        with use_attention(self.unet, attention), use_lora_scale(self.unet, lora_scale, lora_slot), \
+                self.dropout_seeds.call():
             v = self.unet(model_in.to(self.device, self.dtype), timestep,
                           encoder_hidden_states=cond.image_embeds.to(self.device, self.dtype),
                           added_time_ids=cond.time_ids.to(self.device, self.dtype), return_dict=False)[0]
@@ -130,15 +133,15 @@ class DiffusersBackend:
     def lora_training(self, gradient_checkpointing=False):
         """gradient_checkpointing: False, True, a level count or (level, kind) pairs (`memory.checkpointed_layers`)."""
         stack = ExitStack()
-        stack.enter_context(diffusers_lora.lora_training(self.unet))
-        stack.enter_context(checkpointing(self.unet, gradient_checkpointing))
+        stack.enter_context(diffusers_lora.lora_training(self.unet, self.dropout_seeds))
+        stack.enter_context(checkpointing(self.unet, gradient_checkpointing, self.dropout_seeds))
         return stack
 
     def capturable_training(self, gradient_checkpointing=False) -> bool:
-        """Whether a training step can be captured as a CUDA graph (training_graph.py): on CUDA, without
-        checkpointing (peft's dropout is F.dropout, whose masks a recomputation redraws from a restored RNG
-        state, which a capture cannot do)."""
-        return self.device.type == "cuda" and not gradient_checkpointing
+        """Whether a training step can be captured as a CUDA graph (training_graph.py): on CUDA, and the
+        recomputation of checkpointed layers free of host RNG (the fused dropout keys on the call's device seed;
+        without Triton, F.dropout's masks are redrawn from a restored RNG state, which a capture cannot do)."""
+        return self.device.type == "cuda" and (triton is not None or not gradient_checkpointing)
 
     @contextmanager
     def compiled(self, backend: str = "inductor"):

@@ -2,19 +2,20 @@
 names (the ComfyUI backend checkpoints the same ones, comfy_training.py)."""
 
 from contextlib import contextmanager
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
+from ..branch_dropout import CallSeeds, DropoutSeed
 from ..memory import checkpointed_layers
 from ..recompute import recompute
 
 
 @contextmanager
-def checkpointing(unet, levels):
+def checkpointing(unet, levels, seeds: Optional[CallSeeds] = None):
     """levels: False, True (every layer), n (the n finest levels) or (level, kind) pairs; the wrappers are removed
-    afterwards."""
-    checkpointed = _checkpoint_heavy_layers(unet, levels)
+    afterwards. seeds: the LoRA dropout's call seeds, which a recomputation sets again (diffusers_lora)."""
+    checkpointed = _checkpoint_heavy_layers(unet, levels, seeds or CallSeeds())
     try:
         yield
     finally:
@@ -35,7 +36,7 @@ def heavy_layers(unet) -> Dict[Tuple[int, str], list]:
     return found
 
 
-def _checkpoint_heavy_layers(unet, gradient_checkpointing) -> list:
+def _checkpoint_heavy_layers(unet, gradient_checkpointing, seeds: CallSeeds) -> list:
     """Recompute the chosen levels' layers in backward instead of keeping their activations. Wrapped here
     rather than through diffusers' own flags: those checkpoint only the resnets, the transformers only in
     train mode (the UNet stays in eval mode)."""
@@ -43,15 +44,17 @@ def _checkpoint_heavy_layers(unet, gradient_checkpointing) -> list:
     modules = [m for layer in sorted(checkpointed_layers(len(unet.down_blocks), gradient_checkpointing))
                for m in layers.get(layer, [])]
     for module in modules:
-        module.forward = _checkpointed(module, module.forward)
+        module.forward = _checkpointed(module, module.forward, seeds)
     return modules
 
 
-def _checkpointed(module, forward):
-    """forward under activation checkpointing, recomputed with the attention processors it ran with.
+def _checkpointed(module, forward, seeds: CallSeeds):
+    """forward under activation checkpointing, recomputed with the attention processors and the LoRA dropout seed
+    it ran with.
 
     Processors are swapped per call by `use_attention` (attention control, skip-interval); backward
-    runs after the call has restored the defaults, so the recompute reinstalls the call's own.
+    runs after the call has restored the defaults, so the recompute reinstalls the call's own. The seed makes the
+    recomputation draw the forward's dropout masks without restoring any RNG state (a captured step cannot).
     """
     attentions = [m for m in module.modules() if hasattr(m, "set_processor") and hasattr(m, "processor")]
     holds_lora = any(name.startswith("temporal_transformer_blocks.") for name, _ in module.named_modules())  # LoRA sites
@@ -60,13 +63,15 @@ def _checkpointed(module, forward):
         if not torch.is_grad_enabled():  # nothing to recompute for
             return forward(*args, **kwargs)
         processors = [m.processor for m in attentions]
+        seed = seeds.current or DropoutSeed()
 
         def run(*inner_args, **inner_kwargs):
             current = [m.processor for m in attentions]
             for m, p in zip(attentions, processors):
                 m.processor = p
             try:
-                return forward(*inner_args, **inner_kwargs)
+                with seeds.call(seed):
+                    return forward(*inner_args, **inner_kwargs)
             finally:
                 for m, p in zip(attentions, current):
                     m.processor = p

@@ -9,7 +9,11 @@ Clip 0's LoRA can sit beside the clip's own as a second peft adapter (slot "clip
 chosen per `denoise` call: exact skip-interval K/V of edited clip 0 (editing.py).
 
 Dropout acts on the branch output, `dropout(up(down(x)))`, as the official LoRA does: peft's own
-input dropout is replaced by an identity and the up-projection is an `OutputDropoutLinear`.
+input dropout is replaced by an identity and the up-projection is an `OutputDropoutLinear`. While training,
+each adapted Linear runs `FusedDropoutForward` instead of peft's forward: the same sum, with the dropped branch
+added by branch_dropout's fused kernel on CUDA, keyed on the UNet call's seed (`branch_dropout.CallSeeds`) and
+the Linear's site, as the ComfyUI backend's LoraForward. A checkpointed layer's recomputation then redraws its
+masks from that seed with no RNG state restored, so checkpointed training can be captured as a CUDA graph.
 """
 
 import re
@@ -17,7 +21,9 @@ from contextlib import contextmanager
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
+from ..branch_dropout import CallSeeds, add_dropped
 from ..lora import LoraSpec, MotionLora, check_fits, check_rank_fits, motion_lora_from_pairs
 from .sgm_unet_keys import diffusers_key_to_sgm
 from .twins import lora_down_init, lora_generator, needs_fresh_adapter
@@ -60,6 +66,31 @@ class OutputDropoutLinear(torch.nn.Linear):
     def forward(self, x):
         dtype = self.weight.dtype if self.full_precision else x.dtype
         return self.dropout(torch.nn.functional.linear(x.to(dtype), self.weight.to(dtype)))
+
+
+class FusedDropoutForward:
+    """Training `forward` of one adapted Linear: base(x) + dropout(scale * up(down(x))) with the dropped branch
+    added by `add_dropped` (keyed on the running call's seed and this Linear's site). The scale multiplies the
+    (out, rank) up weight, not the Linear-sized output. peft's own forward runs where this one does not apply:
+    inside torch.compile (inductor fuses F.dropout itself), an adapter switched off, or another adapter active
+    (clip 0's, skip-interval)."""
+
+    def __init__(self, layer: torch.nn.Module, site: int, seeds: CallSeeds):
+        self.layer, self.site, self.seeds = layer, site, seeds
+
+    def __call__(self, x, *args, **kwargs):
+        layer = self.layer
+        if (torch.compiler.is_compiling() or layer.disable_adapters or layer.merged or kwargs
+                or list(layer.active_adapters) != [ADAPTER]):
+            return type(layer).forward(layer, x, *args, **kwargs)
+        base = layer.base_layer(x, *args)
+        down, up = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
+        dtype = down.weight.dtype if down.full_precision else x.dtype
+        scale = layer.scaling[ADAPTER]
+        weight = up.weight if scale == 1 else up.weight * scale
+        delta = F.linear(F.linear(x.to(dtype), down.weight.to(dtype)), weight.to(dtype))
+        p = up.dropout.p if up.dropout.training else 0.0
+        return add_dropped(base, delta, p, self.seeds.current, self.site)
 
 
 def attached_spec(unet) -> Optional[LoraSpec]:
@@ -244,16 +275,21 @@ def _set_enabled(layers, states) -> None:
 
 
 @contextmanager
-def lora_training(unet):
-    """Dropout of the adapter active for the duration; the rest of the UNet stays in eval mode."""
-    dropouts = [layer.lora_B[ADAPTER].dropout for layer in lora_layers(unet).values()]
-    for module in dropouts:
-        module.train()
+def lora_training(unet, seeds: CallSeeds):
+    """Dropout of the adapter active for the duration, each adapted Linear running `FusedDropoutForward` with
+    the seeds of `seeds`; the rest of the UNet stays in eval mode."""
+    layers = list(lora_layers(unet).values())
+    dropouts = [layer.lora_B[ADAPTER].dropout for layer in layers]
+    for site, layer in enumerate(layers):
+        layer.lora_B[ADAPTER].dropout.train()
+        layer.forward = FusedDropoutForward(layer, site, seeds)
     try:
         yield
     finally:
         for module in dropouts:
             module.eval()
+        for layer in layers:
+            vars(layer).pop("forward", None)  # back to peft's forward
 
 
 def set_full_precision(unet, full_precision: bool) -> None:
