@@ -53,7 +53,11 @@ class CapturedStep:
         device = z0.device
         self.noise = torch.zeros_like(z0)
         self.cond = Conditioning(cond.image_embeds, torch.zeros_like(cond.image_latents), cond.time_ids)
-        self.sigma = torch.ones((), dtype=torch.float32, device=device)
+        # sigma in float64, as an eager step's Python float: the preconditioning computed from it rounds to float32
+        # where it meets the latents, as the eager one does, so replayed and eager steps compute the same numbers
+        # (a float32 sigma made them drift apart by 1e-3 over 6 steps of the tiny UNet). The weight only multiplies
+        # the float32 loss, which rounds a Python float to float32 too.
+        self.sigma = torch.ones((), dtype=torch.float64, device=device)
         self.weight = torch.ones((), dtype=torch.float32, device=device)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.graph: Optional[torch.cuda.CUDAGraph] = None
