@@ -32,11 +32,62 @@ class MemoryPlan:
     offload: bool
     compile: bool = False
 
+    def __str__(self):
+        recomputed = {True: "every layer", False: "nothing"}.get(self.checkpointing) if isinstance(
+            self.checkpointing, bool) else (f"the {self.checkpointing} finest levels" if isinstance(
+                self.checkpointing, int) else layers_text(frozenset(self.checkpointing)))
+        return (f"memory {self.tier}: training recomputes {recomputed}; decode {self.decode_chunk} frames a call; "
+                f"VAE and CLIP {'offloaded' if self.offload else 'resident'}; compile {'on' if self.compile else 'off'}")
+
+
+def checkpoint_setting(checkpointing):
+    """A checkpointing setting in a hashable, JSON-writable form: bool and counts as they are, pairs as a sorted
+    tuple of (level, kind) tuples (a LoRA's metadata records its training settings)."""
+    if checkpointing is None or isinstance(checkpointing, (bool, int)):
+        return checkpointing
+    return tuple(sorted((int(level), str(kind)) for level, kind in checkpointing))
+
+
+def parse_layers(text: str):
+    """A checkpointing setting from text (benchmarks' --checkpointing): "none", "all", a level count ("3": the 3
+    finest levels), or a set of comma-separated levels, each optionally restricted to one kind by its initial
+    ("0,1,2r": every layer of levels 0 and 1 and the ResBlocks of level 2)."""
+    text = text.strip().lower()
+    if text in ("none", "all"):
+        return text == "all"
+    if text.isdigit():
+        return int(text) or False
+    pairs = set()
+    for token in filter(None, (t.strip() for t in text.split(","))):
+        level, initial = (token[:-1], token[-1]) if token[-1].isalpha() else (token, "")
+        kinds = [k for k in LAYER_KINDS if k.startswith(initial)] if initial else list(LAYER_KINDS)
+        if not level.isdigit() or not kinds:
+            raise ValueError(f"checkpointing: {token!r} is not a level with an optional kind initial "
+                             f"({', '.join(k[0] for k in LAYER_KINDS)}), as in 0,1,2r")
+        pairs.update((int(level), kind) for kind in kinds)
+    return frozenset(pairs)
+
+
+def layers_text(layers: Layers) -> str:
+    """`parse_layers`'s notation of a pair set, whole levels without an initial ("0,1,2r"), except a lone whole
+    level, which would read as a count ("0r,0t")."""
+    def spelled(level, whole):
+        kinds = [kind for kind in LAYER_KINDS if (level, kind) in layers]
+        return str(level) if whole and len(kinds) == len(LAYER_KINDS) else ",".join(f"{level}{k[0]}" for k in kinds)
+
+    levels = sorted({level for level, _ in layers})
+    text = ",".join(spelled(level, True) for level in levels)
+    return ",".join(spelled(level, False) for level in levels) if text.isdigit() else text or "none"
+
 
 # Fastest first; each tier lowers the peak further. min_gib: the free memory (or budget) it is picked from.
+# 24gb recomputes every layer of the finest level, the transformers of levels 1 and 2, everything at the coarsest:
+# the set bench/checkpoint_sweep.py measured fastest under an 18 GiB training peak (ComfyUI fp16: 629 ms, 17.2 GiB
+# against 652 ms, 12.6 GiB for the three finest levels; docs/PERFORMANCE.md, run 7). Kept activations cost 3-5 ms of
+# recomputation per GiB whichever layers hold them, so no set brings a 24 GiB card near the unchecked step.
 PLANS = (
     (MemoryPlan("fast", False, 8, False), 32.0),
-    (MemoryPlan("24gb", 3, 4, False), 18.0),  # 2 levels: ComfyUI's fp16 UNet needed > 24 GiB (PERFORMANCE.md)
+    (MemoryPlan("24gb", parse_layers("0,1t,2t,3"), 4, False), 20.0),
     (MemoryPlan("12gb", True, 2, True), 0.0),
 )
 TIERS = tuple(plan.tier for plan, _ in PLANS)
@@ -107,46 +158,6 @@ def checkpointed_layers(levels: int, checkpointing) -> Layers:
     if wrong:
         raise ValueError(f"checkpointed layers must be (level in 0..{levels - 1}, kind in {LAYER_KINDS}), got {wrong}")
     return pairs
-
-
-def checkpoint_setting(checkpointing):
-    """A checkpointing setting in a hashable, JSON-writable form: bool and counts as they are, pairs as a sorted
-    tuple of (level, kind) tuples (a LoRA's metadata records its training settings)."""
-    if checkpointing is None or isinstance(checkpointing, (bool, int)):
-        return checkpointing
-    return tuple(sorted((int(level), str(kind)) for level, kind in checkpointing))
-
-
-def parse_layers(text: str):
-    """A checkpointing setting from text (benchmarks' --checkpointing): "none", "all", a level count ("3": the 3
-    finest levels), or a set of comma-separated levels, each optionally restricted to one kind by its initial
-    ("0,1,2r": every layer of levels 0 and 1 and the ResBlocks of level 2)."""
-    text = text.strip().lower()
-    if text in ("none", "all"):
-        return text == "all"
-    if text.isdigit():
-        return int(text) or False
-    pairs = set()
-    for token in filter(None, (t.strip() for t in text.split(","))):
-        level, initial = (token[:-1], token[-1]) if token[-1].isalpha() else (token, "")
-        kinds = [k for k in LAYER_KINDS if k.startswith(initial)] if initial else list(LAYER_KINDS)
-        if not level.isdigit() or not kinds:
-            raise ValueError(f"checkpointing: {token!r} is not a level with an optional kind initial "
-                             f"({', '.join(k[0] for k in LAYER_KINDS)}), as in 0,1,2r")
-        pairs.update((int(level), kind) for kind in kinds)
-    return frozenset(pairs)
-
-
-def layers_text(layers: Layers) -> str:
-    """`parse_layers`'s notation of a pair set, whole levels without an initial ("0,1,2r"), except a lone whole
-    level, which would read as a count ("0r,0t")."""
-    def spelled(level, whole):
-        kinds = [kind for kind in LAYER_KINDS if (level, kind) in layers]
-        return str(level) if whole and len(kinds) == len(LAYER_KINDS) else ",".join(f"{level}{k[0]}" for k in kinds)
-
-    levels = sorted({level for level, _ in layers})
-    text = ",".join(spelled(level, True) for level in levels)
-    return ",".join(spelled(level, False) for level in levels) if text.isdigit() else text or "none"
 
 
 def oom_advice(plan: MemoryPlan) -> str:

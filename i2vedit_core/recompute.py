@@ -1,4 +1,4 @@
-"""Activation checkpointing of one UNet layer, as both backends' memory tiers use it (memory.checkpointed_levels).
+"""Activation checkpointing of one UNet layer, as both backends' memory tiers use it (memory.checkpointed_layers).
 
 torch.utils.checkpoint's non-reentrant form hooks every tensor the layer saves for backward, and the
 checkpointed training step is host-bound (docs/PERFORMANCE.md, run 5). The reentrant form runs the layer's

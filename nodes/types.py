@@ -25,8 +25,8 @@ def model_inputs():
 def memory_input():
     """The memory policy (i2vedit_core.memory) of every node that runs the UNet."""
     return io.Combo.Input("memory", options=list(MEMORY_CHOICES), default="auto",
-                          tooltip="auto: pick from the GPU's free memory. fast: no savings. 24gb: recompute the "
-                                  "finest layers in training. 12gb: recompute every layer, decode 2 frames at a "
+                          tooltip="auto: pick from the GPU's free memory. fast: no savings. 24gb: recompute most "
+                                  "layers in training (about 17 GiB). 12gb: recompute every layer, decode 2 frames at a "
                                   "time, unload other models first (slowest). After an out-of-memory error, pick "
                                   "the next setting down.")
 

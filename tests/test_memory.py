@@ -14,7 +14,11 @@ from i2vedit_core.training import TrainingSettings, train_motion_lora
 def test_tiers_lower_the_peak_step_by_step():
     fast, mid, low = plan_of("fast"), plan_of("24gb"), plan_of("12gb")
     assert (fast.checkpointing, fast.decode_chunk, fast.offload) == (False, 8, False)
-    assert (mid.checkpointing, mid.decode_chunk, mid.offload) == (3, 4, False)
+    assert (mid.checkpointing, mid.decode_chunk, mid.offload) == (parse_layers("0,1t,2t,3"), 4, False)
+    levels = [checkpointed_layers(4, plan.checkpointing) for plan in (fast, mid, low)]
+    assert levels[0] < levels[1] < levels[2]
+    assert str(mid) == ("memory 24gb: training recomputes 0,1t,2t,3; decode 4 frames a call; VAE and CLIP resident; "
+                        "compile off")
     assert (low.checkpointing, low.decode_chunk, low.offload) == (True, 2, True)
     assert [next_lower(t) for t in ("fast", "24gb", "12gb")] == ["24gb", "12gb", None]
 
@@ -22,8 +26,8 @@ def test_tiers_lower_the_peak_step_by_step():
 def test_auto_reads_free_memory_and_budgets_pick_a_tier():
     assert MemoryPolicy().plan("cpu").tier == "fast"  # no VRAM to save on a CPU
     cuda = torch.device("cuda", 0)
-    assert [MemoryPolicy("auto").plan(cuda, lambda: gib * GIB).tier for gib in (80, 31.9, 18, 11)] == \
-        ["fast", "24gb", "24gb", "12gb"]
+    assert [MemoryPolicy("auto").plan(cuda, lambda: gib * GIB).tier for gib in (80, 31.9, 20, 19.9, 11)] == \
+        ["fast", "24gb", "24gb", "12gb", "12gb"]
     assert [MemoryPolicy(gib).plan().tier for gib in (48, 24, 16, 8)] == ["fast", "24gb", "12gb", "12gb"]
     assert MemoryPolicy("24gb").plan(cuda, lambda: 80 * GIB).tier == "24gb"  # a tier is taken as given
     assert MemoryPolicy("16GB").setting == 16.0

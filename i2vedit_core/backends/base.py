@@ -107,5 +107,5 @@ class LoraBackend(Protocol):
         `denoise(..., lora_slot="clip0")`; detach_lora removes both."""
 
     def lora_training(self, gradient_checkpointing=False) -> ContextManager:
-        """Context for training: adapter dropout active, optional gradient checkpointing (False, True or
-        a level count: the layers of `memory.checkpointed_levels`); restored after."""
+        """Context for training: adapter dropout active, optional gradient checkpointing (False, True, a
+        level count or (level, kind) pairs: `memory.checkpointed_layers`); restored after."""

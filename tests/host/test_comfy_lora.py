@@ -8,6 +8,7 @@ import torch
 
 from i2vedit_core.backends.base import Conditioning, LoraBackend
 from i2vedit_core.lora import LoraSpec, motion_lora_from_pairs, save_motion_lora
+from i2vedit_core.memory import plan_of
 from i2vedit_core.tiny import synthetic_clip
 from i2vedit_core.training import TrainingSettings, train_motion_lora
 
@@ -206,20 +207,21 @@ def test_exported_lora_loads_in_core_loader(comfy_backend, comfy_parts, x, cond,
 
 
 def test_checkpointed_gradients_are_plain_ones(comfy_backend, monkeypatch):
-    """One SGD step of lr 1 moves each LoRA weight by its gradient: recomputing the 3 finest levels or every
-    level in backward (the reentrant checkpoint with its anchor, recompute.py) gives plain autograd's
-    gradients, every adapted Linear's included, up to fp32 rounding."""
+    """One SGD step of lr 1 moves each LoRA weight by its gradient: recomputing the 3 finest levels, the 24gb tier's
+    (level, kind) set or every level in backward (the reentrant checkpoint with its anchor, recompute.py) gives
+    plain autograd's gradients, every adapted Linear's included, up to fp32 rounding."""
     monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, **_: torch.optim.SGD(params, lr=1.0))
     clip = synthetic_clip(num_frames=FRAMES, height=64, width=64, seed=2)
     runs = {}
-    for levels in (False, 3, True):
+    settings_24gb = plan_of("24gb").checkpointing
+    for levels in (False, 3, settings_24gb, True):
         settings = TrainingSettings(steps=1, lora=LoraSpec(rank=4), seed=4, gradient_checkpointing=levels)
         runs[levels] = train_motion_lora(comfy_backend, clip, settings)
     plain = runs[False].lora
     ups = {path: plain.pair(path)[1] for path in plain.module_paths}
     largest = max(float(u.abs().max()) for u in ups.values())
     assert largest > 0
-    for levels in (3, True):
+    for levels in (3, settings_24gb, True):
         assert runs[levels].losses == pytest.approx(runs[False].losses, rel=1e-6)
         for path, up in ups.items():
             torch.testing.assert_close(runs[levels].lora.pair(path)[1], up, rtol=0, atol=1e-5 * largest)
