@@ -121,7 +121,8 @@ def test_replayed_graph_trains_as_the_eager_loop(mixed_precision, monkeypatch, s
     torch.testing.assert_close(torch.tensor(graphed.losses), torch.tensor(eager.losses), rtol=1e-3, atol=0)
     for path in eager.lora.module_paths:
         for got, expected in zip(graphed.lora.pair(path), eager.lora.pair(path)):
-            torch.testing.assert_close(got, expected, rtol=0, atol=1e-3 * float(expected.abs().max()), msg=path)
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-3 * float(expected.abs().max()),
+                                       msg=lambda text, path=path: f"{path}: {text}")
     backend.detach_lora()
 
 
