@@ -229,8 +229,11 @@ def bench_backend(name, modules, args, size, out):
     training = TrainingSettings(steps=args.train_steps, compile={"plan": None, "on": True, "off": False}[args.compile])
     inversion = InversionSettings(steps=steps)
     budgets = list(args.budget) if name in (args.budget_backend or args.backend) else []
-    for budget in ([] if args.budgets_only else [None]) + budgets:
-        label = f"{name}-{'default' if budget is None else f'{budget:g}GiB'}"
+    runs = [(budget, again) for budget in ([] if args.budgets_only else [None]) + budgets
+            for again in ((False, True) if args.again else (False,))]
+    for budget, again in runs:
+        first = f"{name}-{'default' if budget is None else f'{budget:g}GiB'}"
+        label = first + ("-again" if again else "")
         if cuda:
             cap_memory(budget, name == "comfy")
         settings = memory_settings(budget, training=training, inversion=inversion, working_size=hw, clip_length=frames)
@@ -250,14 +253,14 @@ def bench_backend(name, modules, args, size, out):
         if training.compile is not None:  # --compile on|off overrides the plan's switch: show what ran
             plan = dataclasses.replace(plan, compile=training.compile)
         title = (f"{label}: one clip, {frames} frames at {hw[0]}x{hw[1]} ({_device_name()}; {plan}; training ran "
-                 f"{args.train_steps} steps, extrapolated to {train_steps} by its per-step time)")
+                 f"{args.train_steps} steps, extrapolated to {train_steps} by its per-step time"
+                 f"{'; the same edit again in the same process' if again else ''})")
         emit(out, "\n" + table(title, rows, mems, eager_floor, own_floor, train_scale))
         records[label] = dict(rows=rows, mems=mems, eager=eager_floor, own=own_floor, per_call=floor, own_per_call=own,
-                              train_scale=train_scale, budget=budget, dtype=dtype)
-        if budget is None:
-            records[label]["latents"] = latents
-        else:
-            compare_latents(records, label, latents, f"{name}-default", out)
+                              train_scale=train_scale, budget=budget, dtype=dtype, latents=latents)
+        reference = first if again else f"{name}-default"
+        if reference != label:
+            compare_latents(records, label, latents, reference, out)
     if name == "comfy" and args.lever_ab:
         backend.lora.full_precision = True
         settings = memory_settings(None, training=training, inversion=inversion, working_size=hw, clip_length=frames)
@@ -321,6 +324,9 @@ def main(argv=None):
     parser.add_argument("--lever-ab", action="store_true", help="comfy: also run with the LoRA branch upcast to fp32")
     parser.add_argument("--graph-ab", action="store_true",
                         help="also run the default setting with the training step eager (no CUDA graph)")
+    parser.add_argument("--again", action="store_true",
+                        help="run each setting twice in one process: the second edit is what the next prompt of a "
+                             "ComfyUI server costs (a compiled UNet is not compiled again)")
     parser.add_argument("--scale", action="store_true", help="comfy: 2-clip video, 25 frames, 768x1344 (scale.py)")
     parser.add_argument("--no-two-clips", action="store_true", help="--scale: only the peak-memory runs")
     parser.add_argument("--scale-train-steps", type=int, default=5, help="training steps per clip in the 2-clip run")

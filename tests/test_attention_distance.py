@@ -1,7 +1,6 @@
 """Row distance d and matched spatial attention against materialised references (fp32, 1e-5)."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -9,6 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from interpreted import interpreter_env
 from i2vedit_core.attention import chunked_row_distance, matched_attention, naive_row_distance, threshold_ramp
 from i2vedit_core.attention.matching import difference_mask
 
@@ -165,7 +165,7 @@ def test_triton_kernel_equals_reference_under_interpreter():
     """The CUDA kernel's numerics on the CPU: triton must be imported with TRITON_INTERPRET=1 set
     (its own tl.sum/tl.max are jit functions too), hence a fresh interpreter process."""
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.getcwd())
+    env = interpreter_env()
     done = subprocess.run([sys.executable, "-c", _INTERPRETED_CHECK], env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

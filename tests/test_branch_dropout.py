@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from interpreted import interpreter_env
 from i2vedit_core import branch_dropout
 
 
@@ -86,7 +87,7 @@ def test_fused_kernel_under_interpreter():
     """The CUDA kernel's numerics on the CPU: triton is imported with TRITON_INTERPRET=1 set, hence a
     fresh interpreter process (as the row-distance kernel's test)."""
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.getcwd())
+    env = interpreter_env()
     done = subprocess.run([sys.executable, "-c", _INTERPRETED_CHECK], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -153,7 +154,7 @@ def test_a_checkpointed_comfy_layer_redraws_its_calls_masks_under_interpreter():
     call has ended, draws the call's masks again (its LoraCall, with the call's dropout seed, pinned again), so
     the gradients equal those without checkpointing. A recomputation with a fresh seed changes them."""
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.getcwd())
+    env = interpreter_env()
     done = subprocess.run([sys.executable, "-c", _INTERPRETED_COMFY_RECOMPUTE], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -7,6 +7,7 @@ draws a mask of the input's shape instead and fails both checks.
 
 import torch
 
+from interpreted import interpreter_env
 from i2vedit_core.backends import diffusers_lora
 from i2vedit_core.branch_dropout import CallSeeds
 from i2vedit_core.lora import LoraSpec
@@ -117,11 +118,10 @@ print(json.dumps(dict(diff=float((grads[True] - grads[False]).abs().max() / grad
 
 def _interpreted(script, *args):
     import json
-    import os
     import subprocess
     import sys
 
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.getcwd())
+    env = interpreter_env()
     done = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
