@@ -1,14 +1,10 @@
 """Row distance d and matched spatial attention against materialised references (fp32, 1e-5)."""
 
-import json
-import subprocess
-import sys
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from interpreted import interpreter_env
+from interpreted import run_interpreted
 from i2vedit_core.attention import chunked_row_distance, matched_attention, naive_row_distance, threshold_ramp
 from i2vedit_core.attention.matching import difference_mask
 
@@ -165,10 +161,6 @@ def test_triton_kernel_equals_reference_under_interpreter():
     """The CUDA kernel's numerics on the CPU: triton must be imported with TRITON_INTERPRET=1 set
     (its own tl.sum/tl.max are jit functions too), hence a fresh interpreter process."""
     pytest.importorskip("triton")
-    env = interpreter_env()
-    done = subprocess.run([sys.executable, "-c", _INTERPRETED_CHECK], env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    for fused, given, low, high in json.loads(done.stdout.strip().splitlines()[-1]):
+    for fused, given, low, high in run_interpreted(_INTERPRETED_CHECK, timeout=120):
         assert fused < 1e-5 and given < 1e-5
         assert low < 0.2 and high > 0.5  # near-identical and different rows both present

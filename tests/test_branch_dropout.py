@@ -9,16 +9,13 @@ recomputation does not redraw (the checkpoint check), a seed kept as a number on
 its device tensor at each launch (the rewritten-seed check: a CUDA graph replays with the tensor redrawn).
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from interpreted import interpreter_env
+from interpreted import run_interpreted
 from i2vedit_core import branch_dropout
 
 
@@ -87,11 +84,7 @@ def test_fused_kernel_under_interpreter():
     """The CUDA kernel's numerics on the CPU: triton is imported with TRITON_INTERPRET=1 set, hence a
     fresh interpreter process (as the row-distance kernel's test)."""
     pytest.importorskip("triton")
-    env = interpreter_env()
-    done = subprocess.run([sys.executable, "-c", _INTERPRETED_CHECK], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    res = json.loads(done.stdout.strip().splitlines()[-1])
+    res = run_interpreted(_INTERPRETED_CHECK, timeout=300)
     for dtype, tol in (("torch.float32", 1e-6), ("torch.float16", 2e-3)):
         r = res[dtype]
         assert abs(r["kept"] - 0.9) < 0.02, r  # 12365 elements: 7 standard deviations
@@ -154,10 +147,6 @@ def test_a_checkpointed_comfy_layer_redraws_its_calls_masks_under_interpreter():
     call has ended, draws the call's masks again (its LoraCall, with the call's dropout seed, pinned again), so
     the gradients equal those without checkpointing. A recomputation with a fresh seed changes them."""
     pytest.importorskip("triton")
-    env = interpreter_env()
-    done = subprocess.run([sys.executable, "-c", _INTERPRETED_COMFY_RECOMPUTE], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    res = json.loads(done.stdout.strip().splitlines()[-1])
+    res = run_interpreted(_INTERPRETED_COMFY_RECOMPUTE, timeout=300)
     assert res["diff"] < 1e-6, res
     assert res["calls_differ"], res  # another call's seed: other masks (the dropout acted)

@@ -7,7 +7,7 @@ draws a mask of the input's shape instead and fails both checks.
 
 import torch
 
-from interpreted import interpreter_env
+from interpreted import run_interpreted
 from i2vedit_core.backends import diffusers_lora
 from i2vedit_core.branch_dropout import CallSeeds
 from i2vedit_core.lora import LoraSpec
@@ -116,17 +116,6 @@ print(json.dumps(dict(diff=float((grads[True] - grads[False]).abs().max() / grad
 """
 
 
-def _interpreted(script, *args):
-    import json
-    import subprocess
-    import sys
-
-    env = interpreter_env()
-    done = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def test_checkpointed_layers_redraw_the_calls_masks_without_rng_state():
     """Checkpointed training with the fused kernel (Triton's interpreter on the CPU) and no RNG state restored, as
     in a captured step: the recomputation sets the call's seed again, so the LoRA gradients equal the plain
@@ -134,5 +123,5 @@ def test_checkpointed_layers_redraw_the_calls_masks_without_rng_state():
     import pytest
 
     pytest.importorskip("triton")
-    assert _interpreted(_INTERPRETED_DIFFUSERS_RECOMPUTE, "pinned")["diff"] < 1e-5
-    assert _interpreted(_INTERPRETED_DIFFUSERS_RECOMPUTE, "unpinned")["diff"] > 1e-2
+    assert run_interpreted(_INTERPRETED_DIFFUSERS_RECOMPUTE, "pinned")["diff"] < 1e-5
+    assert run_interpreted(_INTERPRETED_DIFFUSERS_RECOMPUTE, "unpinned")["diff"] > 1e-2
