@@ -50,8 +50,9 @@ class TrainingSettings:
     # torch.compile of the UNet for the steps: None = the memory plan decides (pipeline), False = off,
     # True = inductor on CUDA (off on the CPU), or a torch.compile backend name used on any device.
     compile: Union[None, bool, str] = None
-    # Replay the training step as one CUDA graph where it can be captured (training_graph.py): on CUDA, a
-    # backend that supports it, no skip-interval, not compiled. False: every step queued eagerly.
+    # Replay the training step as one CUDA graph where it can be captured (training_graph.graph_applies): on
+    # CUDA, a backend that supports it, no skip-interval, not compiled with checkpointing. False: every step
+    # queued eagerly.
     cuda_graph: bool = True
     lora: LoraSpec = field(default_factory=LoraSpec)
     seed: int = 0

@@ -12,7 +12,7 @@ Replaying a captured graph queues the whole step in one call. What capture needs
 - no host-side work in the backend's denoise that changes between steps (`capturable_training` on the
   backend says when that holds; ComfyUI's model loading is skipped while capturing).
 The first steps run eagerly on the side stream the capture uses (lazy initialisation: AdamW's state, library
-workspaces), then one step is captured (capturing runs nothing) and replayed from then on: the same inputs and,
+workspaces, a torch.compile of the UNet), then one step is captured (capturing runs nothing) and replayed from then on: the same inputs and,
 with the device RNG replayed at the generator's offsets, the same dropout masks as eager steps would draw. If
 capturing fails, training warns and goes on eagerly from the same step.
 """
@@ -30,8 +30,13 @@ WARMUP_STEPS = 2
 def graph_applies(setting: bool, backend, device: torch.device, gradient_checkpointing, skip_interval: bool,
                   compile_with: Optional[str]) -> bool:
     """Whether training replays a captured step: asked for, on CUDA, the backend can be captured with this
-    checkpointing, no skip-interval (its clip-0 latent is chosen on the host from sigma), not compiled."""
-    if not setting or device.type != "cuda" or skip_interval or compile_with is not None:
+    checkpointing, no skip-interval (its clip-0 latent is chosen on the host from sigma). A compiled step is
+    captured too (the first warm-up step compiles it), but not with checkpointing: compiled code draws its
+    dropout with inductor's own RNG, not the fused kernel's call seed, and a recomputation inside a graph could
+    not restore the RNG state to draw the same masks again."""
+    if not setting or device.type != "cuda" or skip_interval:
+        return False
+    if compile_with is not None and gradient_checkpointing:
         return False
     capturable = getattr(backend, "capturable_training", None)
     return bool(capturable is not None and capturable(gradient_checkpointing))

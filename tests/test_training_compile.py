@@ -122,3 +122,24 @@ def test_diffusers_lora_branch_runs_in_the_activation_dtype():
     torch.testing.assert_close(out_fp32, (base.float() + in_fp32 * layer.scaling[diffusers_lora.ADAPTER]).bfloat16(),
                                rtol=0, atol=0)
     assert not torch.equal(out, out_fp32)  # the switch changes where the branch rounds
+
+
+def test_the_next_edit_in_the_same_process_does_not_compile_again():
+    """A ComfyUI server's next prompt: the same backend edits again with a fresh adapter. dynamo guards on the
+    identity of each adapted Linear's `forward`; the training forwards made per clip (FusedDropoutForward)
+    recompiled the whole UNet (the diffusers second edit on the H200, PERFORMANCE run 7)."""
+    from torch._dynamo.utils import counters
+
+    from i2vedit_core.inversion import InversionSettings
+    from i2vedit_core.pipeline import edit_video
+
+    settings = PipelineSettings(clip_length=6, working_size=(64, 64), inversion=InversionSettings(steps=2),
+                                training=TrainingSettings(steps=2, compile="eager"), skip_interval=False)
+    video = synthetic_clip(6, 64, 64)
+    backend = tiny_backend(seed=0)
+    torch._dynamo.reset()
+    counters.clear()
+    edit_video(backend, video, video[:1], settings)
+    assert counters["stats"]["unique_graphs"] == 1
+    edit_video(backend, video, video[:1], settings)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]

@@ -10,7 +10,7 @@ import torch
 
 from i2vedit_core.lora import LoraSpec
 from i2vedit_core.tiny import synthetic_clip, tiny_backend
-from i2vedit_core.training import (TrainingSettings, draw_step_inputs, edm_weight, prepare_training_data,
+from i2vedit_core.training import (TrainingSettings, compile_backend, draw_step_inputs, edm_weight, prepare_training_data,
                                    queue_training_step, sample_sigma, step_on, train_motion_lora)
 from i2vedit_core.training_graph import CapturedStep, graph_applies
 
@@ -41,7 +41,8 @@ def test_graph_applies_only_where_a_capture_can_replay_the_step():
     assert not graph_applies(True, backend, CUDA, 3, False, None)  # the backend refuses checkpointed capture
     assert graph_applies(True, Capturable(False), CUDA, 3, False, None)
     assert not graph_applies(True, backend, CUDA, False, skip_interval=True, compile_with=None)
-    assert not graph_applies(True, backend, CUDA, False, skip_interval=False, compile_with="inductor")
+    assert graph_applies(True, backend, CUDA, False, skip_interval=False, compile_with="inductor")
+    assert not graph_applies(True, Capturable(False), CUDA, 3, False, "inductor")  # compiled dropout + recompute
     assert not graph_applies(True, object(), CUDA, False, False, None)  # a backend without the hook
 
 
@@ -122,6 +123,32 @@ def test_replayed_graph_trains_as_the_eager_loop(monkeypatch, sgd_for_adamw):
     torch.testing.assert_close(torch.tensor(graphed.losses), torch.tensor(eager.losses), rtol=1e-3, atol=0)
     for path in eager.lora.module_paths:
         for got, expected in zip(graphed.lora.pair(path), eager.lora.pair(path)):
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-3 * float(expected.abs().max()),
+                                       msg=lambda text, path=path: f"{path}: {text}")
+    backend.detach_lora()
+
+
+@needs_cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or compile_backend(True, CUDA) is None,
+                    reason="inductor needs Triton on a GPU of compute capability >= 7.0")
+def test_the_compiled_step_replays_as_it_trains_uncaptured(monkeypatch, sgd_for_adamw):
+    """On CUDA with Triton: the inductor-compiled step, captured after its warm-up (the first of which compiles),
+    trains as the compiled step queued eagerly. Its dropout is inductor's, drawn from the device generator."""
+    replays = []
+    original = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: (replays.append(1), original(graph))[1])
+    backend, frames = tiny_backend(seed=0, device="cuda"), synthetic_clip(num_frames=3, height=64, width=64, seed=2)
+    settings = TrainingSettings(steps=6, learning_rate=1e-2, seed=5, mixed_precision=True, compile=True,
+                                lora=LoraSpec(rank=4, dropout=0.1))
+    uncaptured = train_motion_lora(backend, frames, dataclasses.replace(settings, cuda_graph=False))
+    assert not replays
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture or compile warns: neither may here
+        graphed = train_motion_lora(backend, frames, settings)
+    assert len(replays) == settings.steps - 2
+    torch.testing.assert_close(torch.tensor(graphed.losses), torch.tensor(uncaptured.losses), rtol=1e-3, atol=0)
+    for path in uncaptured.lora.module_paths:
+        for got, expected in zip(graphed.lora.pair(path), uncaptured.lora.pair(path)):
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-3 * float(expected.abs().max()),
                                        msg=lambda text, path=path: f"{path}: {text}")
     backend.detach_lora()

@@ -150,7 +150,8 @@ class DiffusersBackend:
         previous = self.unet._compiled_call_impl  # nn.Module.compile's slot: a caller's own compile is kept
         self.unet.compile(backend=backend, dynamic=False)
         try:
-            yield
+            with diffusers_lora.peft_forwards(self.unet):
+                yield
         finally:
             self.unet._compiled_call_impl = previous
 

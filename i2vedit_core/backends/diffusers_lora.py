@@ -292,6 +292,20 @@ def lora_training(unet, seeds: CallSeeds):
             vars(layer).pop("forward", None)  # back to peft's forward
 
 
+@contextmanager
+def peft_forwards(unet):
+    """peft's own forward on every adapted Linear for the duration, the training forwards put back after. For
+    torch.compile, where FusedDropoutForward defers to peft's forward anyway (inductor fuses F.dropout itself),
+    and where its presence costs a compile per clip: dynamo guards on the identity of a module's `forward`
+    object, and each clip's training makes new ones (measured, docs/PERFORMANCE.md run 8)."""
+    saved = {layer: vars(layer).pop("forward") for layer in lora_layers(unet).values() if "forward" in vars(layer)}
+    try:
+        yield
+    finally:
+        for layer, forward in saved.items():
+            layer.forward = forward
+
+
 def set_full_precision(unet, full_precision: bool) -> None:
     """The lever's A/B switch: True runs every LoRA branch in fp32 (the activations upcast, as peft does by
     default), False in the activations' dtype (the default)."""
