@@ -325,8 +325,9 @@ def main(argv=None):
     parser.add_argument("--graph-ab", action="store_true",
                         help="also run the default setting with the training step eager (no CUDA graph)")
     parser.add_argument("--again", action="store_true",
-                        help="run each setting twice in one process: the second edit is what the next prompt of a "
-                             "ComfyUI server costs (a compiled UNet is not compiled again)")
+                        help="run each setting twice in one process through the same backend: the second edit is "
+                             "what a long-lived backend's next edit costs (a compiled UNet is not compiled again; "
+                             "ComfyUI nodes build a backend per prompt, tests/host/test_comfy_compile_again.py)")
     parser.add_argument("--scale", action="store_true", help="comfy: 2-clip video, 25 frames, 768x1344 (scale.py)")
     parser.add_argument("--no-two-clips", action="store_true", help="--scale: only the peak-memory runs")
     parser.add_argument("--scale-train-steps", type=int, default=5, help="training steps per clip in the 2-clip run")
