@@ -12,9 +12,9 @@ Replaying a captured graph queues the whole step in one call. What capture needs
 - no host-side work in the backend's denoise that changes between steps (`capturable_training` on the
   backend says when that holds; ComfyUI's model loading is skipped while capturing).
 The first steps run eagerly on the side stream the capture uses (lazy initialisation: AdamW's state, library
-workspaces, a torch.compile of the UNet), then one step is captured (capturing runs nothing) and replayed from then on: the same inputs and,
-with the device RNG replayed at the generator's offsets, the same dropout masks as eager steps would draw. If
-capturing fails, training warns and goes on eagerly from the same step.
+workspaces, a torch.compile of the UNet), then one step is captured (capturing runs nothing) and replayed from
+then on: the same inputs and, with the device RNG replayed at the generator's offsets, the same dropout masks as
+eager steps would draw. If capturing fails, training warns and goes on eagerly from the same step.
 """
 
 import warnings
