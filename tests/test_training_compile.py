@@ -125,9 +125,9 @@ def test_diffusers_lora_branch_runs_in_the_activation_dtype():
 
 
 def test_the_next_edit_in_the_same_process_does_not_compile_again():
-    """A ComfyUI server's next prompt: the same backend edits again with a fresh adapter. dynamo guards on the
-    identity of each adapted Linear's `forward`; the training forwards made per clip (FusedDropoutForward)
-    recompiled the whole UNet (the diffusers second edit on the H200, PERFORMANCE run 7)."""
+    """A long-lived backend's next edit (the Python API): the same backend edits again with a fresh adapter. dynamo
+    guards on the identity of each adapted Linear's `forward`; the training forwards made per clip
+    (FusedDropoutForward) recompiled the whole UNet (the diffusers second edit on the H200, PERFORMANCE run 7)."""
     from torch._dynamo.utils import counters
 
     from i2vedit_core.inversion import InversionSettings

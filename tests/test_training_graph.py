@@ -10,8 +10,9 @@ import torch
 
 from i2vedit_core.lora import LoraSpec
 from i2vedit_core.tiny import synthetic_clip, tiny_backend
-from i2vedit_core.training import (TrainingSettings, compile_backend, draw_step_inputs, edm_weight, prepare_training_data,
-                                   queue_training_step, sample_sigma, step_on, train_motion_lora)
+from i2vedit_core.training import (TrainingSettings, compile_backend, draw_step_inputs, edm_weight,
+                                   prepare_training_data, queue_training_step, sample_sigma, step_on,
+                                   train_motion_lora)
 from i2vedit_core.training_graph import CapturedStep, graph_applies
 
 CUDA = torch.device("cuda")

@@ -9,10 +9,11 @@ Clip 0's LoRA can sit beside the clip's own as a second peft adapter (slot "clip
 chosen per `denoise` call: exact skip-interval K/V of edited clip 0 (editing.py).
 
 Dropout acts on the branch output, `dropout(up(down(x)))`, as the official LoRA does: peft's own
-input dropout is replaced by an identity and the up-projection is an `OutputDropoutLinear`. While training,
-each adapted Linear runs `FusedDropoutForward` instead of peft's forward: the same sum, with the dropped branch
-added by branch_dropout's fused kernel on CUDA, keyed on the UNet call's seed (`branch_dropout.CallSeeds`) and
-the Linear's site, as the ComfyUI backend's LoraForward. A checkpointed layer's recomputation then redraws its
+input dropout is replaced by an identity and the up-projection is an `OutputDropoutLinear`. While training
+(eagerly; a compiled UNet keeps peft's forward, `peft_forwards`), each adapted Linear runs `FusedDropoutForward`
+instead of peft's forward: the same sum, with the dropped branch added by branch_dropout's fused kernel on CUDA,
+keyed on the UNet call's seed (`branch_dropout.CallSeeds`) and the Linear's site, as the ComfyUI backend's
+LoraForward. A checkpointed layer's recomputation then redraws its
 masks from that seed with no RNG state restored, so checkpointed training can be captured as a CUDA graph.
 """
 
