@@ -14,7 +14,7 @@ from .host import (NodeProgress, cancel_check, comfy_backend, frames_to_image, i
 from .invert import inversion_inputs, inversion_settings
 from .propagate import edit_settings, mask_inputs, matching_inputs
 from .source import clip_inputs, clips_from
-from .train import training_inputs, training_settings
+from .train import compile_input, training_inputs, training_settings
 from .types import CATEGORY, memory_input, model_inputs, seed_input
 
 
@@ -37,7 +37,7 @@ class EditVideoNode(io.ComfyNode):
             ] + training_inputs() + matching_inputs() + [
                 memory_input(),
                 seed_input("Seed of every random draw (SARP, training, conditioning noise)."),
-            ] + mask_inputs(),
+            ] + mask_inputs() + [compile_input()],
             outputs=[io.Image.Output(display_name="frames"), io.Image.Output(display_name="difference_map")],
             hidden=[io.Hidden.unique_id])
 

@@ -30,7 +30,7 @@ from kornia.geometry.transform import resize
 
 from .. import branch_dropout
 from ..training_graph import is_capturing
-from . import comfy_attention, comfy_compile, comfy_lora, comfy_model_lora, comfy_training
+from . import comfy_attention, comfy_compile, comfy_forwards, comfy_lora, comfy_model_lora, comfy_training
 from .base import Conditioning
 from .comfy_attention import CONTROLLER_KEY
 
@@ -52,17 +52,17 @@ class ComfyBackend:
         self.patcher = model.clone()
         self.clip_vision, self.vae = clip_vision, vae
         unet = self.patcher.model.diffusion_model
-        self.attn1 = comfy_attention.attn1_modules(unet)
-        if len(self.attn1) != 32:
-            raise ValueError(NOT_SVD_MODEL.format(found=f"{len(self.attn1)} self-attention layers, SVD has 32"))
+        found = len(comfy_attention.attn1_modules(unet))
+        if found != 32:
+            raise ValueError(NOT_SVD_MODEL.format(found=f"{found} self-attention layers, SVD has 32"))
+        # The same forward objects for every backend on this UNet (comfy_forwards: no recompile per prompt).
+        self.forwards = comfy_forwards.shared_forwards(unet)
+        self.attn1, self.linears = self.forwards.attn1, self.forwards.linears
         self.lora = comfy_lora.LoraState()
         self.checkpointing = comfy_training.Switch(self.lora)
-        self.linears = comfy_lora.adaptable_linears(unet)
         self.model_lora = comfy_model_lora.take_motion_lora(self.patcher, self.linears) if lora_from_model else None
         self._incoming_patches = (bool(self.patcher.patches), str(self.patcher.patches_uuid))
-        comfy_attention.install(self.patcher, self.attn1)
-        comfy_lora.install(self.patcher, self.linears, self.lora)
-        comfy_training.install_checkpointing(self.patcher, unet, self.checkpointing, self.linears.values())
+        self.forwards.install(self.patcher)
         self.device = torch.device(self.patcher.load_device)
         self.latent_format = self.patcher.get_model_object("latent_format")
         self.latent_scale = float(self.latent_format.scale_factor)
@@ -248,8 +248,9 @@ class ComfyBackend:
         """Load the clone through ComfyUI's model management (respects its offloading); no-op if loaded."""
         import comfy.model_management as mm
 
+        self.forwards.bind(self.checkpointing)
         loaded = mm.loaded_models()
-        if self.patched_in() and any(m is self.patcher for m in loaded):
+        if self.patched_in(loaded):
             if self.offload and self.device.type == "cuda" and self._others_on_device(loaded):
                 # The VAE or CLIP vision came back for a call (training's data, a decode): out again
                 # through ComfyUI's own unloading, the UNet kept (LoadedModel compares by its model).
@@ -275,13 +276,19 @@ class ComfyBackend:
         (the next load of any clone of this model, `free_memory`) or, once the clone is gone, switches it to the
         incoming MODEL (`LoadedModel._switch_parent`); both reload and repatch before use. The backend stays
         usable; the next `denoise` loads it again."""
+        self.forwards.unbind(self.checkpointing)
         if self.patched_in():
             self.patcher.detach()
 
-    def patched_in(self) -> bool:
-        """Whether this clone's object patches are the ones on the shared modules (one probe: an attn1 forward)."""
+    def patched_in(self, loaded=None) -> bool:
+        """Whether this clone is the one ComfyUI has loaded and its object patches are on the shared modules (one
+        probe: an attn1 forward). Every backend on this UNet patches the same forward objects (comfy_forwards), so
+        the probe alone cannot tell clones apart; ComfyUI's loaded list holds one clone of a model at a time."""
+        import comfy.model_management as mm
+
         path, (module, _) = next(iter(self.attn1.items()))
-        return module.__dict__.get("forward") is self.patcher.object_patches.get(f"diffusion_model.{path}.forward")
+        ours = module.__dict__.get("forward") is self.patcher.object_patches.get(f"diffusion_model.{path}.forward")
+        return ours and any(m is self.patcher for m in (mm.loaded_models() if loaded is None else loaded))
 
 
 # --- how the UNet is called ----------------------------------------------------------------------

@@ -85,14 +85,9 @@ def attn1_modules(diffusion_model) -> Dict[str, Tuple[torch.nn.Module, Attention
     return found
 
 
-def install(patcher, modules: Dict[str, Tuple[torch.nn.Module, AttentionSite]]) -> List[str]:
-    """Object-patch every attn1 `forward` on `patcher` (a clone); returns the patch names."""
-    names = []
-    for path, (module, site) in modules.items():
-        name = f"diffusion_model.{path}.forward"
-        patcher.add_object_patch(name, ControlledAttn1(module, site))
-        names.append(name)
-    return names
+def forwards(modules: Dict[str, Tuple[torch.nn.Module, AttentionSite]]) -> Dict[str, ControlledAttn1]:
+    """{object-patch name: ControlledAttn1} of every attn1 module (comfy_forwards installs them)."""
+    return {f"diffusion_model.{path}.forward": ControlledAttn1(module, site) for path, (module, site) in modules.items()}
 
 
 def chunks_for(rows) -> List[int]:

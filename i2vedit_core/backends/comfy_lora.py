@@ -184,11 +184,16 @@ def adaptable_linears(diffusion_model) -> Dict[str, torch.nn.Module]:
             for site in ordered for linear in TEMPORAL_LINEARS}
 
 
-def install(patcher, linears: Dict[str, torch.nn.Module], state: LoraState) -> None:
+def forwards(linears: Dict[str, torch.nn.Module], state: LoraState) -> Dict[str, LoraForward]:
+    """{object-patch name: LoraForward reading `state`} of every adaptable Linear (comfy_forwards installs them)."""
+    return {f"diffusion_model.{path}.forward": LoraForward(module, path, state, site)
+            for site, (path, module) in enumerate(linears.items())}
+
+
+def install_call_scope(patcher) -> None:
+    """The DIFFUSION_MODEL wrapper that makes each call's transformer_options[LORA_KEY] visible to the Linears."""
     import comfy.patcher_extension as ext
 
-    for site, (path, module) in enumerate(linears.items()):
-        patcher.add_object_patch(f"diffusion_model.{path}.forward", LoraForward(module, path, state, site))
     patcher.add_wrapper_with_key(ext.WrappersMP.DIFFUSION_MODEL, LORA_KEY, lora_call_scope)
 
 

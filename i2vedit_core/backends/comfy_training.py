@@ -16,7 +16,7 @@ object-patched forwards that checkpoint only while their (resolution level, kind
 """
 
 from contextlib import contextmanager
-from typing import Iterator, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import torch
 
@@ -72,17 +72,20 @@ def recompute_with(forward, lora, call):
     return run
 
 
-def install_checkpointing(patcher, diffusion_model, switch: Switch, adaptable) -> None:
-    """adaptable: the Linears a motion LoRA may adapt (comfy_lora.adaptable_linears): the layers holding none
-    need no recomputation when their inputs need no gradient (recompute's holds_trainable)."""
+def checkpointed_forwards(diffusion_model, switch: Switch, adaptable) -> Dict[str, CheckpointedForward]:
+    """{object-patch name: CheckpointedForward reading `switch`} of every heavy layer (comfy_forwards installs them).
+    adaptable: the Linears a motion LoRA may adapt (comfy_lora.adaptable_linears): the layers holding none need no
+    recomputation when their inputs need no gradient (recompute's holds_trainable)."""
     per_block, levels = int(diffusion_model.num_res_blocks[0]) + 1, len(diffusion_model.channel_mult)
     adaptable = {id(linear) for linear in adaptable}
+    found = {}
     for path, module in diffusion_model.named_modules():
         kind = HEAVY_LAYERS.get(type(module).__name__)
         if kind and path.startswith(("input_blocks.", "middle_block.", "output_blocks.")):
             holds_lora = any(id(m) in adaptable for m in module.modules())
-            forward = CheckpointedForward(module, (level_of(path, per_block, levels), kind), switch, holds_lora)
-            patcher.add_object_patch(f"diffusion_model.{path}.forward", forward)
+            layer = (level_of(path, per_block, levels), kind)
+            found[f"diffusion_model.{path}.forward"] = CheckpointedForward(module, layer, switch, holds_lora)
+    return found
 
 
 def trainable_now() -> bool:

@@ -1,0 +1,70 @@
+"""One set of object-patch forwards per diffusion model, shared by every ComfyBackend built on it.
+
+Each ComfyUI prompt builds its own ComfyBackend on a clone of the MODEL (nodes/host.py). If each backend made
+its own forwards (attn1 control, the LoRA Linears, the checkpointed layers), a compiled UNet would compile again
+at every prompt: dynamo guards on the identity of each module's `forward`, and compiled code is cached per code
+object for the whole process (tests/host/test_comfy_compile_again.py). So the forwards are made once per diffusion
+model and every backend object-patches the same objects on its own clone; a backend points them at its own LoRA
+state and checkpointing switch (`bind`) before its UNet calls. Pointing the same object at another state does
+not recompile (dynamo checks that state's type and contents, not its identity).
+
+Decision (docs/PERFORMANCE.md, run 9): the one place the pack keeps process-wide state. The cache is weak on
+the diffusion model, as dynamo's own cache lives as long as the code it compiled, and it holds no tensor of the
+user's: a released backend unbinds, leaving an empty state (the forwards pass straight through).
+"""
+
+import weakref
+from typing import Dict
+
+import torch
+
+from . import comfy_attention, comfy_lora, comfy_training
+
+FORWARDS: "weakref.WeakKeyDictionary[torch.nn.Module, SharedForwards]" = weakref.WeakKeyDictionary()
+
+
+class SharedForwards:
+    """The forwards of one diffusion model ({object-patch name: forward}) and the backend state they read now."""
+
+    def __init__(self, diffusion_model: torch.nn.Module):
+        self.attn1 = comfy_attention.attn1_modules(diffusion_model)
+        self.linears = comfy_lora.adaptable_linears(diffusion_model)
+        lora, switch = unbound_state()
+        self.lora = comfy_lora.forwards(self.linears, lora)
+        self.layers = comfy_training.checkpointed_forwards(diffusion_model, switch, self.linears.values())
+        self.patches: Dict[str, object] = {**comfy_attention.forwards(self.attn1), **self.lora, **self.layers}
+        self.bound = switch
+
+    def install(self, patcher) -> None:
+        """Object-patch every forward on `patcher` (a clone), plus the LoRA's per-call wrapper."""
+        for name, forward in self.patches.items():
+            patcher.add_object_patch(name, forward)
+        comfy_lora.install_call_scope(patcher)
+
+    def bind(self, switch: comfy_training.Switch) -> None:
+        """Point the forwards at `switch` and its LoRA state (a backend's), if they are not already."""
+        if switch is self.bound:
+            return
+        for forward in self.lora.values():
+            forward.state = switch.lora
+        for forward in self.layers.values():
+            forward.switch = switch
+        self.bound = switch
+
+    def unbind(self, switch: comfy_training.Switch) -> None:
+        """Let go of `switch` (a released backend's) if the forwards read it: they read an empty state instead."""
+        if switch is self.bound:
+            self.bind(unbound_state()[1])
+
+
+def unbound_state():
+    lora = comfy_lora.LoraState()
+    return lora, comfy_training.Switch(lora)
+
+
+def shared_forwards(diffusion_model: torch.nn.Module) -> SharedForwards:
+    """The forwards of `diffusion_model`, made on first use."""
+    forwards = FORWARDS.get(diffusion_model)
+    if forwards is None:
+        forwards = FORWARDS[diffusion_model] = SharedForwards(diffusion_model)
+    return forwards
