@@ -19,7 +19,9 @@ MODEL is never mutated: everything this backend adds lives on a clone (`self.pat
 patches on the 32 attn1 modules (attention control, comfy_attention.py), on the temporal-block
 Linears (motion LoRA, comfy_lora.py) and on the heavy UNet layers (gradient checkpointing,
 comfy_training.py). They are installed once, pass straight through when unused, and ModelPatcher
-applies them at load and removes them at unload (`release()`).
+applies them at load and removes them at unload (`release()`). The forward objects themselves are made once
+per diffusion model and shared by every backend on it, each pointing them at its own state before its UNet
+calls (comfy_forwards.py: a compiled UNet then compiles once per process, not once per prompt).
 """
 
 import hashlib

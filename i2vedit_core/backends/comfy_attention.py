@@ -2,9 +2,9 @@
 
 COMFYUI_NOTES 3.3: spatial and temporal attn1 share one attn1_replace key, so each attn1 module's
 `forward` is object-patched on the backend's clone with a stateless callable that knows its site by
-construction. It reads the attention pass from `transformer_options[CONTROLLER_KEY]` and passes
-straight through to the class's own forward when there is none (bit-identical to the unpatched
-model). ModelPatcher applies the patches at load and restores the bound methods at unpatch.
+construction (made once per UNet and shared by its backends: comfy_forwards). It reads the attention pass
+from `transformer_options[CONTROLLER_KEY]` and passes straight through to the class's own forward when there
+is none (bit-identical to the unpatched model). ModelPatcher applies the patches at load and restores the bound methods at unpatch.
 
 Sites carry the diffusers module paths (`sgm_key_to_diffusers`) and the same downscale factors as
 `diffusers_attention`, so temporal presets, stage-2 exceptions and difference-map keys mean the

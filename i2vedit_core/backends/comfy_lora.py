@@ -1,7 +1,8 @@
 """Motion LoRA on ComfyUI's SVD UNet: activation-space adapters on the temporal-block Linears.
 
 Every Linear a motion LoRA can adapt (the 12 per temporal block, `lora.TEMPORAL_LINEARS`) gets
-its `forward` object-patched on the backend's clone, once, when the backend is built. The patch
+its `forward` object-patched on the backend's clone, once, when the backend is built (the same objects for every
+backend on one UNet, pointed at the running backend's `LoraState`: comfy_forwards). The patch
 computes base(x) + scale * dropout(up(down(x))) (dropout on the branch output, as the official LoRA
 and the diffusers backend do), reading the adapter from the backend's `LoraState`:
 - activation space, not ComfyUI's weight wrappers (`add_weight_wrapper`), because a weight-space

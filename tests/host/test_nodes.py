@@ -273,3 +273,12 @@ def test_out_of_memory_through_the_widget_names_the_next_setting_down(node_id, m
     advised = [tier for tier in ("fast", "24gb", "12gb") if f"memory to '{tier}'" in message]
     assert advised == ([lower] if lower else []), message
     assert lower is not None or "already at its lowest setting" in message
+
+
+def test_compile_switch_is_the_last_input_of_the_training_nodes_and_turns_compile_on():
+    # Last, so that a workflow saved before the switch existed keeps its other widget values in place.
+    train = node_module("train")
+    assert train.training_settings(**TRAIN_WIDGETS).compile is None  # off: the memory setting decides (no compile)
+    assert train.training_settings(**TRAIN_WIDGETS, compile_training=True).compile is True
+    for node in (train.TrainMotionLoraNode, node_module("edit_video").EditVideoNode):
+        assert node.define_schema().inputs[-1].id == "compile_training"
