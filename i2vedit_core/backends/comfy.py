@@ -21,7 +21,7 @@ Linears (motion LoRA, comfy_lora.py) and on the heavy UNet layers (gradient chec
 comfy_training.py). They are installed once, pass straight through when unused, and ModelPatcher
 applies them at load and removes them at unload (`release()`). The forward objects themselves are made once
 per diffusion model and shared by every backend on it, each pointing them at its own state before its UNet
-calls (comfy_forwards.py: a compiled UNet then compiles once per process, not once per prompt).
+calls (comfy_forwards.py: a compiled UNet then compiles once per diffusion model and shape, not once per prompt).
 """
 
 import hashlib
@@ -133,6 +133,7 @@ class ComfyBackend:
                 raise ValueError(f"the attention pass describes {len(attention.rows)} videos {tuple(attention.rows)}, "
                                  f"the latent batch has {batch}")
             chunks = comfy_attention.chunks_for(attention.rows)
+        self.forwards.bind(self.checkpointing)  # also while capturing, which skips load()
         if not is_capturing():  # a captured training step replays with the model as loaded (training_graph.py)
             self.load(x.shape)
         elif getattr(self.patcher.model, "model_lowvram", False):
@@ -278,8 +279,14 @@ class ComfyBackend:
         (the next load of any clone of this model, `free_memory`) or, once the clone is gone, switches it to the
         incoming MODEL (`LoadedModel._switch_parent`); both reload and repatch before use. The backend stays
         usable; the next `denoise` loads it again."""
+        import comfy.model_management as mm
+
         self.forwards.unbind(self.checkpointing)
-        if self.patched_in():
+        loaded = mm.loaded_models()
+        # Off the loaded list with our patches still on (a later load of another clone failed part way): detach
+        # unless another clone of the model is loaded, whose patches and backups those are.
+        others = any(m is not None and m is not self.patcher and m.is_clone(self.patcher) for m in loaded)
+        if self.patched_in(loaded) or (self._probe_is_ours() and not others):
             self.patcher.detach()
 
     def patched_in(self, loaded=None) -> bool:
@@ -288,9 +295,12 @@ class ComfyBackend:
         the probe alone cannot tell clones apart; ComfyUI's loaded list holds one clone of a model at a time."""
         import comfy.model_management as mm
 
+        loaded = mm.loaded_models() if loaded is None else loaded
+        return self._probe_is_ours() and any(m is self.patcher for m in loaded)
+
+    def _probe_is_ours(self) -> bool:
         path, (module, _) = next(iter(self.attn1.items()))
-        ours = module.__dict__.get("forward") is self.patcher.object_patches.get(f"diffusion_model.{path}.forward")
-        return ours and any(m is self.patcher for m in (mm.loaded_models() if loaded is None else loaded))
+        return module.__dict__.get("forward") is self.patcher.object_patches.get(f"diffusion_model.{path}.forward")
 
 
 # --- how the UNet is called ----------------------------------------------------------------------

@@ -4,7 +4,8 @@ COMFYUI_NOTES 3.3: spatial and temporal attn1 share one attn1_replace key, so ea
 `forward` is object-patched on the backend's clone with a stateless callable that knows its site by
 construction (made once per UNet and shared by its backends: comfy_forwards). It reads the attention pass
 from `transformer_options[CONTROLLER_KEY]` and passes straight through to the class's own forward when there
-is none (bit-identical to the unpatched model). ModelPatcher applies the patches at load and restores the bound methods at unpatch.
+is none (bit-identical to the unpatched model). ModelPatcher applies the patches at load and restores the bound
+methods at unpatch.
 
 Sites carry the diffusers module paths (`sgm_key_to_diffusers`) and the same downscale factors as
 `diffusers_attention`, so temporal presets, stage-2 exceptions and difference-map keys mean the
@@ -87,7 +88,8 @@ def attn1_modules(diffusion_model) -> Dict[str, Tuple[torch.nn.Module, Attention
 
 def forwards(modules: Dict[str, Tuple[torch.nn.Module, AttentionSite]]) -> Dict[str, ControlledAttn1]:
     """{object-patch name: ControlledAttn1} of every attn1 module (comfy_forwards installs them)."""
-    return {f"diffusion_model.{path}.forward": ControlledAttn1(module, site) for path, (module, site) in modules.items()}
+    return {f"diffusion_model.{path}.forward": ControlledAttn1(module, site)
+            for path, (module, site) in modules.items()}
 
 
 def chunks_for(rows) -> List[int]:

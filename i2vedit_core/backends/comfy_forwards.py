@@ -8,9 +8,12 @@ model and every backend object-patches the same objects on its own clone; a back
 state and checkpointing switch (`bind`) before its UNet calls. Pointing the same object at another state does
 not recompile (dynamo checks that state's type and contents, not its identity).
 
-Decision (docs/PERFORMANCE.md, run 9): the one place the pack keeps process-wide state. The cache is weak on
-the diffusion model, as dynamo's own cache lives as long as the code it compiled, and it holds no tensor of the
-user's: a released backend unbinds, leaving an empty state (the forwards pass straight through).
+Decision (docs/PERFORMANCE.md, run 9): the pack's one process-wide cache of objects. It is weak on the diffusion
+model, whose own submodules are all it holds besides the bound backend's state (a released backend unbinds: the
+forwards then read an empty state and pass straight through), so a model ComfyUI frees takes its forwards with it,
+and a reloaded checkpoint gets new ones (and compiles again). dynamo keeps at most `recompile_limit` (8) versions
+per code object for the whole session: after that many frame counts, sizes, ranks or memory tiers, compiled
+training runs eagerly.
 """
 
 import weakref

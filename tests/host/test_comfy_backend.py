@@ -155,3 +155,21 @@ def test_model_options_of_other_nodes_reach_the_unet(comfy_parts, cond):
     assert seen["attn1"] == 32  # 16 spatial + 16 temporal attn1 per UNet call (COMFYUI_NOTES 3.2)
     assert seen["wrapper"] == [[0]]
     assert torch.equal(wrapped, reference)
+
+
+def test_release_takes_the_patches_off_when_comfy_dropped_the_clone_part_way(comfy_parts):
+    """Loading another clone first drops ours from ComfyUI's list with detach(unpatch_all=False), leaving our object
+    patches on the shared modules; if that load then fails, release() must still take them off."""
+    import comfy.model_management as mm
+    from i2vedit_core.backends.comfy import ComfyBackend
+
+    backend = ComfyBackend(comfy_parts["model"], comfy_parts["clip_vision"], comfy_parts["vae"])
+    backend.load()
+    path, (module, _) = next(iter(backend.attn1.items()))
+    original = type(module).forward
+    assert backend.patched_in() and getattr(module.forward, "__func__", None) is not original
+    index = next(i for i, loaded in enumerate(mm.current_loaded_models) if loaded.model is backend.patcher)
+    mm.current_loaded_models.pop(index).model.detach(unpatch_all=False)  # as load_models_gpu of another clone does
+    assert not backend.patched_in()
+    backend.release()
+    assert getattr(module.forward, "__func__", None) is original
