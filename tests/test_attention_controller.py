@@ -99,3 +99,22 @@ def test_match_settings_validate():
         MatchSettings(thresholds=(0.3, 1.5))
     with pytest.raises(ValueError, match="chunk_budget"):
         MatchSettings(chunk_budget=0)
+
+
+def test_difference_maps_sum_where_m_is_and_reach_the_cpu_only_when_read():
+    # A copy to the CPU in add() made the host wait for the GPU at each matched layer (docs/PERFORMANCE.md, run 9).
+    # A meta tensor cannot be copied to the CPU, so add() on one fails if it copies.
+    from i2vedit_core.attention import DifferenceMaps
+
+    on_meta = DifferenceMaps()
+    on_meta.add("layer", (2, 3), torch.empty(1, 4, 6, device="meta"))
+    on_meta.add("layer", (2, 3), torch.empty(1, 4, 6, device="meta"))
+    steps = [torch.rand(1, 4, 6, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    maps = DifferenceMaps()
+    for m in steps:
+        maps.add("layer", (2, 3), m)
+        m.zero_()  # M's buffer, reused by the next call, must not change the recorded sum
+    expected = (torch.stack([torch.rand(1, 4, 6, generator=torch.Generator().manual_seed(s)) for s in range(3)])
+                .sum(0) / 3).reshape(1, 4, 2, 3)
+    assert maps.per_layer()["layer"].device.type == "cpu"
+    torch.testing.assert_close(maps.per_layer()["layer"], expected, rtol=0, atol=1e-7)

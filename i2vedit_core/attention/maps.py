@@ -7,7 +7,9 @@ import torch.nn.functional as F
 
 
 class DifferenceMaps:
-    """Running mean over denoising steps of each layer's M, kept as (videos, F, h, w) float32 on the CPU."""
+    """Running mean over denoising steps of each layer's M, (videos, F, h, w) float32: summed where M is, moved to
+    the CPU when read. A copy to the CPU at each matched layer made the host wait for the GPU there, and the GPU
+    then waited for the host's next kernels (docs/PERFORMANCE.md, run 9: 12 % of an editing step idle)."""
 
     def __init__(self):
         self._sums: Dict[str, torch.Tensor] = {}
@@ -15,12 +17,12 @@ class DifferenceMaps:
 
     def add(self, path: str, grid: Tuple[int, int], mask: torch.Tensor) -> None:
         """mask: (videos, F, N) with N = h * w."""
-        image = mask.detach().float().cpu().reshape(*mask.shape[:2], *grid)
-        self._sums[path] = self._sums[path] + image if path in self._sums else image
+        image = mask.detach().float().reshape(*mask.shape[:2], *grid)
+        self._sums[path] = self._sums[path] + image if path in self._sums else image.clone()  # M may be reused
         self._counts[path] = self._counts.get(path, 0) + 1
 
     def per_layer(self) -> Dict[str, torch.Tensor]:
-        return {path: total / self._counts[path] for path, total in self._sums.items()}
+        return {path: (total / self._counts[path]).cpu() for path, total in self._sums.items()}
 
     def average(self) -> torch.Tensor:
         """Mean over layers, each resized (bilinear) to the finest layer's grid: (videos, F, h, w)."""

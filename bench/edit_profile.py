@@ -1,0 +1,144 @@
+"""Where matched editing's time goes, ComfyUI backend (fp16 as ComfyUI loads SVD, full size, random weights).
+
+    python bench/edit_profile.py --comfyui /path/to/ComfyUI [--steps 5]
+
+One edit of a 14-frame clip at 576x1024 through the core's `propagate` (source forward + CFG pair per step, the
+matched attention, a rank-32 motion LoRA at scale 1), profiled, against the eager floor of the same steps: per step
+one plain batch-1 and one plain batch-2 `apply_model` on a fresh clone of the MODEL (bench/floors.py), profiled the
+same way. Per side: wall time, summed GPU kernel time and the GPU's idle share (wall - kernels: the host or a
+synchronisation holds the GPU up), then the kernels and the host's operators whose time differs most. Decode is left
+out (its own stage).
+"""
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import builders  # noqa: E402
+import floors  # noqa: E402
+from i2vedit_core.inversion import InversionSettings  # noqa: E402
+from i2vedit_core.lora import LoraSpec  # noqa: E402
+from i2vedit_core.pipeline import (PipelineSettings, check_edited_frames, invert_video, prepare_video,  # noqa: E402
+                                   propagate)
+from i2vedit_core.tiny import synthetic_clip  # noqa: E402
+from step_profile import kernel_differences  # noqa: E402
+
+FULL = dict(hw=(576, 1024), frames=14)
+TINY = dict(hw=(64, 64), frames=4)
+
+
+def profiled(run):
+    """(wall ms, summed kernel ms, {kernel name: ms}, {CPU op: self ms}) of `run()`, after one unprofiled call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run()
+    floors.sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        run()
+        floors.sync()
+        wall = time.perf_counter() - start
+    kernels = defaultdict(float)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.name[:90]] += event.device_time_total / 1e3
+    host = {a.key[:90]: a.self_cpu_time_total / 1e3 for a in prof.key_averages()}
+    return wall * 1e3, sum(kernels.values()), kernels, host
+
+
+def edit_run(backend, size, steps):
+    """A function running the pack's matched editing of one clip (no decode) for `steps` steps."""
+    settings = PipelineSettings(inversion=InversionSettings(steps=steps), working_size=size["hw"],
+                                clip_length=size["frames"])
+    source = synthetic_clip(size["frames"], *size["hw"], seed=1)
+    edited = source[0].clone()
+    edited[:, :size["hw"][0] // 2] = 0.5
+    video = prepare_video(source, settings)
+    inversions = invert_video(backend, video, settings)
+    backend.attach_lora(LoraSpec(rank=floors.RANK), torch.Generator().manual_seed(0))
+    loras = [backend.export_lora()]
+    edits = check_edited_frames(edited[None], video.fit)
+    backend.decode = lambda latents, chunk_size=8: latents.new_zeros(len(latents), 3, *size["hw"])  # not timed here
+    return lambda: propagate(backend, video, inversions, loras, edits, settings)
+
+
+def floor_run(model, size, steps):
+    """The floor's plain forwards of `steps` editing steps: b1 (source) + b2 (CFG) `apply_model` per step."""
+    import comfy.model_management as mm
+
+    fresh = model.clone()
+    mm.load_models_gpu([fresh])
+    base, device = fresh.model, torch.device(fresh.load_device)
+    frames, (h, w) = size["frames"], size["hw"]
+    context = base.model_config.unet_config["context_dim"]
+
+    def call(batch):
+        n = batch * frames
+        x = torch.randn(n, 4, h // 8, w // 8, device=device)
+        c = dict(c_concat=torch.randn_like(x), c_crossattn=torch.randn(n, 1, context, device=device),
+                 y=base.encode_adm(fps=6.0, motion_bucket_id=127.0, augmentation_level=0.02).to(device).repeat(n, 1),
+                 num_video_frames=frames)
+        return lambda: base.apply_model(x, torch.full((n,), 1.0, device=device), **c)
+
+    b1, b2 = call(1), call(2)
+
+    def run():
+        with torch.no_grad():
+            for _ in range(steps):
+                b1()
+                b2()
+    return run
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--comfyui", required=True)
+    parser.add_argument("--steps", type=int, default=5, help="editing steps profiled (the inversion's steps)")
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (smoke run)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    size = TINY if args.tiny else FULL
+    if not args.tiny and not torch.cuda.is_available():
+        sys.exit("needs CUDA (or --tiny for the CPU smoke run)")
+    lines = []
+
+    def emit(text):
+        print(text, flush=True)
+        lines.append(text)
+
+    builders.setup_comfyui(args.comfyui, cpu=args.tiny)
+    torch.manual_seed(0)
+    modules = builders.tiny_modules(full_vae=True) if args.tiny else builders.diffusers_modules("cuda", size["frames"])
+    parts = builders.comfy_parts(modules, **({} if torch.cuda.is_available() else builders.TINY_COMFY))
+    for module in modules:
+        module.to("cpu")
+    backend = builders.comfy_backend(parts)
+    pack = profiled(edit_run(backend, size, args.steps))
+    backend.release()
+    floor = profiled(floor_run(parts["model"], size, args.steps))
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    emit(f"# Matched editing, ComfyUI {parts['dtype']}, {size['frames']} frames at {size['hw'][0]}x{size['hw'][1]}, "
+         f"{args.steps} steps ({name}, torch {torch.__version__})\n")
+    emit("| run | wall ms / step | GPU kernels ms / step | GPU idle |\n|---|---|---|---|")
+    for label, (wall, gpu, _, _) in (("pack: propagate (source + CFG pair, matched, LoRA)", pack),
+                                  ("floor: plain b1 + b2 apply_model", floor)):
+        emit(f"| {label} | {wall / args.steps:.0f} | {gpu / args.steps:.0f} | {1 - gpu / wall:.0%} |")
+    kernel_differences(emit, "pack", pack[2], floor[2], args.top)
+    emit("\nHost: CPU operators by self time (the host's share of a GPU-idle step)")
+    kernel_differences(emit, "pack", pack[3], floor[3], args.top)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "edit_profile.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
