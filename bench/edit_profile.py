@@ -12,8 +12,6 @@ out (its own stage).
 
 import argparse
 import sys
-import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -28,30 +26,10 @@ from i2vedit_core.lora import LoraSpec  # noqa: E402
 from i2vedit_core.pipeline import (PipelineSettings, check_edited_frames, invert_video, prepare_video,  # noqa: E402
                                    propagate)
 from i2vedit_core.tiny import synthetic_clip  # noqa: E402
-from step_profile import kernel_differences  # noqa: E402
+from step_profile import kernel_differences, profiled  # noqa: E402
 
 FULL = dict(hw=(576, 1024), frames=14)
 TINY = dict(hw=(64, 64), frames=4)
-
-
-def profiled(run):
-    """(wall ms, summed kernel ms, {kernel name: ms}, {CPU op: self ms}) of `run()`, after one unprofiled call."""
-    from torch.profiler import ProfilerActivity, profile
-
-    run()
-    floors.sync()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        run()
-        floors.sync()
-        wall = time.perf_counter() - start
-    kernels = defaultdict(float)
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[event.name[:90]] += event.device_time_total / 1e3
-    host = {a.key[:90]: a.self_cpu_time_total / 1e3 for a in prof.key_averages()}
-    return wall * 1e3, sum(kernels.values()), kernels, host
 
 
 def edit_run(backend, size, steps):

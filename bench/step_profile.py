@@ -63,13 +63,14 @@ def timed_steps(step, steps):
 
 
 def profiled(step):
-    """(wall ms, summed kernel ms, {kernel name: ms}) of one step."""
+    """(wall ms, summed kernel ms, {kernel name: ms}, {CPU operator: self ms}) of one step, after its warm-up."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(getattr(step, "warmup", 1)):  # a captured step: its eager warm-up calls and the capture
         step()
     floors.sync()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
         start = time.perf_counter()
         step()
         floors.sync()
@@ -79,7 +80,8 @@ def profiled(step):
         if event.device_type == torch.autograd.DeviceType.CUDA:
             kernels[event.name[:90]] += event.device_time_total / 1e3 if hasattr(event, "device_time_total") \
                 else event.cuda_time_total / 1e3
-    return wall * 1e3, sum(kernels.values()), kernels
+    host = {a.key[:90]: a.self_cpu_time_total / 1e3 for a in prof.key_averages()}
+    return wall * 1e3, sum(kernels.values()), kernels, host
 
 
 def forward_before(self, x, *args, **kwargs):
@@ -284,7 +286,7 @@ def main():
                      f"{loss_diff:.2e} (relative), the LoRA weights' updates by {weight_diff:.2e} of the largest")
 
     emit("\n| profiled step | wall ms | GPU kernel ms | GPU waiting ms |\n|---|---|---|---|")
-    for name, (wall, busy, _) in profiles.items():
+    for name, (wall, busy, _, _) in profiles.items():
         emit(f"| {name} | {wall:.0f} | {busy:.0f} | {wall - busy:.0f} |")
     for name in ("pack", "pack, before"):
         kernel_differences(emit, name, profiles[name][2], profiles["floor (bare LoRA)"][2], args.top)
