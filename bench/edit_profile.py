@@ -54,17 +54,12 @@ def floor_run(model, size, steps):
 
     fresh = model.clone()
     mm.load_models_gpu([fresh])
-    base, device = fresh.model, torch.device(fresh.load_device)
-    frames, (h, w) = size["frames"], size["hw"]
-    context = base.model_config.unet_config["context_dim"]
+    device = torch.device(fresh.load_device)
+    gen = torch.Generator(device).manual_seed(0)
 
     def call(batch):
-        n = batch * frames
-        x = torch.randn(n, 4, h // 8, w // 8, device=device)
-        c = dict(c_concat=torch.randn_like(x), c_crossattn=torch.randn(n, 1, context, device=device),
-                 y=base.encode_adm(fps=6.0, motion_bucket_id=127.0, augmentation_level=0.02).to(device).repeat(n, 1),
-                 num_video_frames=frames)
-        return lambda: base.apply_model(x, torch.full((n,), 1.0, device=device), **c)
+        x, sigma, c = floors.comfy_inputs(fresh.model, device, batch, size["frames"], size["hw"], gen)
+        return lambda: fresh.model.apply_model(x, sigma, **c)
 
     b1, b2 = call(1), call(2)
 

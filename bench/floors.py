@@ -119,13 +119,7 @@ def comfy_floors(model, vae, frames: int, hw, train_hw, reps: int = 3) -> Dict[s
     gen = torch.Generator(device).manual_seed(0)
 
     def inputs(batch, size):
-        n = batch * frames
-        shape = (n, 4, size[0] // 8, size[1] // 8)
-        adm = base.encode_adm(fps=6.0, motion_bucket_id=127.0, augmentation_level=0.02).to(device)
-        return (torch.randn(shape, generator=gen, device=device), torch.full((n,), 1.0, device=device),
-                dict(c_concat=torch.randn(shape, generator=gen, device=device),
-                     c_crossattn=torch.randn(n, 1, base.model_config.unet_config["context_dim"], generator=gen, device=device), y=adm.repeat(n, 1),
-                     num_video_frames=frames))
+        return comfy_inputs(base, device, batch, frames, size, gen)
 
     out = {}
     with torch.no_grad():
@@ -149,6 +143,18 @@ def comfy_floors(model, vae, frames: int, hw, train_hw, reps: int = 3) -> Dict[s
     out["train_step"] = timed(step, reps, warmup=2)
     mm.load_models_gpu([fresh])  # unpatches the bare LoRA again
     return out
+
+
+def comfy_inputs(base, device, batch: int, frames: int, size, gen):
+    """(x, sigma, apply_model's keyword arguments) of one plain call on `batch` random videos of `frames` frames."""
+    n = batch * frames
+    shape = (n, 4, size[0] // 8, size[1] // 8)
+    adm = base.encode_adm(fps=6.0, motion_bucket_id=127.0, augmentation_level=0.02).to(device)
+    context = base.model_config.unet_config["context_dim"]
+    return (torch.randn(shape, generator=gen, device=device), torch.full((n,), 1.0, device=device),
+            dict(c_concat=torch.randn(shape, generator=gen, device=device),
+                 c_crossattn=torch.randn(n, 1, context, generator=gen, device=device), y=adm.repeat(n, 1),
+                 num_video_frames=frames))
 
 
 def _bare_lora(patcher):

@@ -54,12 +54,11 @@ class ComfyBackend:
         self.patcher = model.clone()
         self.clip_vision, self.vae = clip_vision, vae
         unet = self.patcher.model.diffusion_model
-        found = len(comfy_attention.attn1_modules(unet))
-        if found != 32:
-            raise ValueError(NOT_SVD_MODEL.format(found=f"{found} self-attention layers, SVD has 32"))
         # The same forward objects for every backend on this UNet (comfy_forwards: no recompile per prompt).
         self.forwards = comfy_forwards.shared_forwards(unet)
         self.attn1, self.linears = self.forwards.attn1, self.forwards.linears
+        if len(self.attn1) != 32:
+            raise ValueError(NOT_SVD_MODEL.format(found=f"{len(self.attn1)} self-attention layers, SVD has 32"))
         self.lora = comfy_lora.LoraState()
         self.checkpointing = comfy_training.Switch(self.lora)
         self.model_lora = comfy_model_lora.take_motion_lora(self.patcher, self.linears) if lora_from_model else None
@@ -282,11 +281,11 @@ class ComfyBackend:
         import comfy.model_management as mm
 
         self.forwards.unbind(self.checkpointing)
-        loaded = mm.loaded_models()
-        # Off the loaded list with our patches still on (a later load of another clone failed part way): detach
-        # unless another clone of the model is loaded, whose patches and backups those are.
-        others = any(m is not None and m is not self.patcher and m.is_clone(self.patcher) for m in loaded)
-        if self.patched_in(loaded) or (self._probe_is_ours() and not others):
+        # Our patches are on unless another clone of the model is loaded (ComfyUI loads one clone of a model at a
+        # time), whose patches and backups those are. Also when ComfyUI dropped ours from its list part way through
+        # loading another clone that then failed: our patches stayed on.
+        others = any(m is not None and m is not self.patcher and m.is_clone(self.patcher) for m in mm.loaded_models())
+        if self._probe_is_ours() and not others:
             self.patcher.detach()
 
     def patched_in(self, loaded=None) -> bool:
