@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional, Set, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from ..backends.base import state_float
 from .distance import DEFAULT_BUDGET
+from .fused import sdpa
 from .maps import DifferenceMaps
 from .matching import DEFAULT_THRESHOLDS, check_thresholds, matched_attention, threshold_ramp
 from .site import AttentionSite
@@ -124,14 +124,14 @@ class AttentionController:
         if p.capture_source and self.settings.match_spatial:  # nothing reads it otherwise (~1 GB a step)
             self.buffer.spatial[site.path] = _rows_of(site, "source", q.detach(), k.detach())
         if not (p.match and self.settings.match_spatial and "cond" in rows):
-            return F.scaled_dot_product_attention(q, k, v)
+            return sdpa(q, k, v)
         q_src, k_src = self._kept(self.buffer.spatial, site, "spatial q/k")
         thresholds = threshold_ramp(self.settings.thresholds, site.layout.frames, q.device, self.settings.official_ramp)
         outs, masks = [], []
         for index, role in enumerate(rows):
             rs = site.video_rows(index)
             if role != "cond":
-                outs.append(F.scaled_dot_product_attention(q[rs], k[rs], v[rs]))
+                outs.append(sdpa(q[rs], k[rs], v[rs]))
                 continue
             src = _source_video(site, q_src.shape[0], len(masks))
             out, mask = matched_attention(q_src[src], k_src[src], q[rs], k[rs], v[rs], thresholds,
@@ -155,7 +155,7 @@ class AttentionController:
             self.buffer.probs[site.path] = torch.softmax(state_float(q_src) @ state_float(k_src).transpose(-1, -2)
                                                          * q.shape[-1] ** -0.5, dim=-1)
         if not (p.match and use_source and "cond" in site.layout.rows):
-            return F.scaled_dot_product_attention(q, k, v)
+            return sdpa(q, k, v)
         probs = self._kept(self.buffer.probs, site, "temporal probabilities")
         outs, used = [], 0
         for index, role in enumerate(site.layout.rows):
@@ -165,7 +165,7 @@ class AttentionController:
                 outs.append(_apply_probs(probs[src], v[rs], site.path))
                 used += 1
             else:
-                outs.append(F.scaled_dot_product_attention(q[rs], k[rs], v[rs]))
+                outs.append(sdpa(q[rs], k[rs], v[rs]))
         self.buffer.temporal_source.add(site.path)
         return torch.cat(outs)
 

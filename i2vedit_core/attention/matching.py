@@ -5,14 +5,12 @@ Both terms are fused attention calls (M is per query row, so it factors out of t
 only d needs a custom reduction (distance.py). No N×N map is ever held.
 """
 
-import functools
-import warnings
 from typing import Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from .distance import DEFAULT_BUDGET, row_distance
+from .fused import attention_with_lse
 
 DEFAULT_THRESHOLDS = (0.35, 0.35)
 
@@ -55,35 +53,6 @@ def matched_attention(q_src: torch.Tensor, k_src: torch.Tensor, q: torch.Tensor,
         d = row_distance(q_src, k_src, q, k, budget, use_triton)
     mask = difference_mask(d, thresholds.to(d.device))
     return torch.lerp(src_out, edit_out, mask[:, None, :, None].to(v.dtype)), mask
-
-
-def attention_with_lse(q, k, v, want_lse: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Fused attention, plus each row's log-sum-exp where flash attention on CUDA gives it for free."""
-    if want_lse and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        fused = flash_with_lse(torch.ops.aten._scaled_dot_product_flash_attention, q, k, v)
-        if fused is not None:
-            return fused
-    return F.scaled_dot_product_attention(q, k, v), None
-
-
-def flash_with_lse(flash, q, k, v) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """(out, lse) from the flash kernel, or None where it refuses the call (head size, layout): then plain
-    SDPA runs and the distance kernel finds the lse itself. Out of memory is not a refusal: re-raised."""
-    try:
-        out, lse = flash(q, k, v, 0.0, False, False)[:2]
-        return out, lse
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except RuntimeError as error:
-        _warn_flash_fallback(str(error).splitlines()[0] if str(error) else type(error).__name__)
-        return None
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_flash_fallback(reason: str) -> None:
-    """Once per distinct reason: every attention call of every step would hit the same refusal."""
-    warnings.warn(f"flash attention refused the matched-attention call ({reason}); using plain SDPA "
-                  f"(slower, same result)", RuntimeWarning, stacklevel=3)
 
 
 def _triton_ready(q) -> bool:

@@ -1,0 +1,88 @@
+"""SVD's one-key cross-attention (attn2) without an attention kernel: ComfyUI's output and gradients, exactly."""
+
+import pytest
+import torch
+
+from i2vedit_core.backends import comfy_cross_attention as cross
+
+
+def attn2_modules(comfy_parts):
+    return {p: m for p, m in comfy_parts["model"].model.diffusion_model.named_modules() if p.endswith(".attn2")}
+
+
+def one_of(comfy_parts, kind):
+    return next(m for p, m in attn2_modules(comfy_parts).items() if f".{kind}.0.attn2" in p)
+
+
+def inputs(module, keys=1, batch=6, queries=10, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, queries, module.to_q.in_features, generator=gen).requires_grad_()
+    context = torch.randn(batch, keys, module.to_k.in_features, generator=gen).requires_grad_()
+    return x, context
+
+
+def test_every_attn2_of_svd_gets_the_forward(comfy_parts):
+    modules = attn2_modules(comfy_parts)
+    patches = cross.forwards(comfy_parts["model"].model.diffusion_model)
+    assert set(patches) == {f"diffusion_model.{p}.forward" for p in modules}
+    spatial = [p for p in modules if ".transformer_blocks.0." in p]
+    assert len(spatial) > 0 and len(modules) == 2 * len(spatial)  # a spatial and a temporal one per transformer
+
+
+@pytest.mark.parametrize("kind", ["transformer_blocks", "time_stack"])
+def test_one_key_gives_comfyuis_output_and_gradients_without_a_kernel(comfy_parts, kind, monkeypatch):
+    import comfy.ldm.modules.attention as attention
+
+    module = one_of(comfy_parts, kind)
+    x, context = inputs(module)
+    expected = type(module).forward(module, x, context=context)
+    expected_x, expected_context = torch.autograd.grad(expected.square().sum(), (x, context))
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("the one-key forward called an attention kernel")
+
+    monkeypatch.setattr(attention, "optimized_attention", no_kernel)
+    out = cross.OneKeyCrossAttention(module)(x, context=context)
+    assert torch.equal(out, expected)  # any kernel returns v itself over one key
+    grad_x, grad_context = torch.autograd.grad(out.square().sum(), (x, context), allow_unused=True)
+    assert grad_x is None and float(expected_x.abs().max()) < 1e-6  # x reaches the output only through q
+    torch.testing.assert_close(grad_context, expected_context, rtol=1e-5, atol=1e-7)
+
+
+def test_more_keys_or_a_mask_run_comfyuis_forward(comfy_parts):
+    module = one_of(comfy_parts, "transformer_blocks")
+    forward = cross.OneKeyCrossAttention(module)
+    x, context = inputs(module, keys=3)
+    torch.testing.assert_close(forward(x, context=context), type(module).forward(module, x, context=context),
+                               rtol=0, atol=0)
+    x, context = inputs(module, keys=1)
+    mask = torch.zeros(x.shape[1], 1)
+    mask[0] = -torch.inf  # a mask over one key is what ComfyUI's masked kernel handles, not this shortcut
+    assert torch.isnan(forward(x, context=context, mask=mask)).any() == \
+        torch.isnan(type(module).forward(module, x, context=context, mask=mask)).any()
+    assert not cross.one_key(x, context, context, mask)
+    assert not cross.one_key(x, None, None, None)
+    assert not cross.one_key(x, context[:2], context[:2], None)  # batches differ: ComfyUI broadcasts, not us
+
+
+def test_the_backends_unet_equals_the_plain_model(comfy_parts, comfy_backend):
+    """The whole UNet with every attn2 patched (no LoRA, no control): ComfyUI's plain forward, bit for bit."""
+    import comfy.model_management as mm
+
+    gen = torch.Generator().manual_seed(3)
+    model = comfy_parts["model"]
+    base = model.model
+    frames, shape = 3, (3, 4, 8, 8)
+    x, sigma = torch.randn(shape, generator=gen), torch.full((frames,), 1.0)
+    c = dict(c_concat=torch.randn(shape, generator=gen), c_crossattn=torch.randn(frames, 1, 64, generator=gen),
+             y=base.encode_adm(fps=6.0, motion_bucket_id=127.0, augmentation_level=0.02).repeat(frames, 1),
+             num_video_frames=frames)
+    fresh = model.clone()
+    mm.load_models_gpu([fresh])
+    with torch.no_grad():
+        plain = fresh.model.apply_model(x, sigma, **c)
+    mm.load_models_gpu([comfy_backend.patcher])
+    assert all(isinstance(m.forward, cross.OneKeyCrossAttention) for m in attn2_modules(comfy_parts).values())
+    with torch.no_grad():
+        ours = comfy_backend.patcher.model.apply_model(x, sigma, **c)
+    assert torch.equal(ours, plain)
