@@ -1,12 +1,12 @@
 """One set of object-patch forwards per diffusion model, shared by every ComfyBackend built on it.
 
 Each ComfyUI prompt builds its own ComfyBackend on a clone of the MODEL (nodes/host.py). If each backend made
-its own forwards (attn1 control, the LoRA Linears, the checkpointed layers, the one-key attn2), a compiled UNet
-would compile again at every prompt: dynamo guards on the identity of each module's `forward`, and compiled code
-is cached per code object for the whole process (tests/host/test_comfy_compile_again.py). So the forwards are made once per diffusion
-model and every backend object-patches the same objects on its own clone; a backend points them at its own LoRA
-state and checkpointing switch (`bind`) before its UNet calls. Pointing the same object at another state does
-not recompile (dynamo checks that state's type and contents, not its identity).
+its own forwards (attn1 control, the LoRA Linears, the checkpointed layers, the one-key attn2, the GroupNorms), a
+compiled UNet would compile again at every prompt: dynamo guards on the identity of each module's `forward`, and
+compiled code is cached per code object for the whole process (tests/host/test_comfy_compile_again.py). So the
+forwards are made once per diffusion model and every backend object-patches the same objects on its own clone; a
+backend points them at its own LoRA state and checkpointing switch (`bind`) before its UNet calls. Pointing the
+same object at another state does not recompile (dynamo checks that state's type and contents, not its identity).
 
 Decision (docs/PERFORMANCE.md, run 9): the pack's one process-wide cache of objects. It is weak on the diffusion
 model, whose own submodules are all it holds besides the bound backend's state (a released backend unbinds: the
@@ -21,7 +21,7 @@ from typing import Dict
 
 import torch
 
-from . import comfy_attention, comfy_cross_attention, comfy_lora, comfy_training
+from . import comfy_attention, comfy_cross_attention, comfy_group_norm, comfy_lora, comfy_training
 
 FORWARDS: "weakref.WeakKeyDictionary[torch.nn.Module, SharedForwards]" = weakref.WeakKeyDictionary()
 
@@ -36,7 +36,8 @@ class SharedForwards:
         self.lora = comfy_lora.forwards(self.linears, lora)
         self.layers = comfy_training.checkpointed_forwards(diffusion_model, switch, self.linears.values())
         self.patches: Dict[str, object] = {**comfy_attention.forwards(self.attn1), **self.lora, **self.layers,
-                                           **comfy_cross_attention.forwards(diffusion_model)}
+                                           **comfy_cross_attention.forwards(diffusion_model),
+                                           **comfy_group_norm.forwards(diffusion_model)}
         self.bound = switch
 
     def install(self, patcher) -> None:

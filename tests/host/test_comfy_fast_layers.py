@@ -1,9 +1,11 @@
-"""SVD's one-key cross-attention (attn2) without an attention kernel: ComfyUI's output and gradients, exactly."""
+"""The ComfyUI backend's faster layers: SVD's one-key cross-attention (attn2) without an attention kernel (ComfyUI's
+output and gradients, exactly) and the split-statistics GroupNorm (ComfyUI's own forward where it casts weights)."""
 
 import pytest
 import torch
 
 from i2vedit_core.backends import comfy_cross_attention as cross
+from i2vedit_core.backends import comfy_group_norm
 
 
 def attn2_modules(comfy_parts):
@@ -83,6 +85,24 @@ def test_the_backends_unet_equals_the_plain_model(comfy_parts, comfy_backend):
         plain = fresh.model.apply_model(x, sigma, **c)
     mm.load_models_gpu([comfy_backend.patcher])
     assert all(isinstance(m.forward, cross.OneKeyCrossAttention) for m in attn2_modules(comfy_parts).values())
+    norms = [m for m in base.diffusion_model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) > 0 and all(isinstance(m.forward, comfy_group_norm.SplitStatisticsGroupNorm) for m in norms)
     with torch.no_grad():
         ours = comfy_backend.patcher.model.apply_model(x, sigma, **c)
     assert torch.equal(ours, plain)
+
+
+def test_group_norm_runs_comfyuis_forward_where_comfyui_casts_the_weights(comfy_parts, monkeypatch):
+    from i2vedit_core import group_norm
+
+    module = next(m for m in comfy_parts["model"].model.diffusion_model.modules()
+                  if isinstance(m, torch.nn.GroupNorm) and hasattr(m, "comfy_cast_weights"))
+    forward = comfy_group_norm.SplitStatisticsGroupNorm(module)
+    calls = []
+    monkeypatch.setattr(comfy_group_norm, "group_norm", lambda *a: calls.append(a) or group_norm.group_norm(*a))
+    x = torch.randn(2, module.num_channels, 4, 4)
+    torch.testing.assert_close(forward(x), type(module).forward(module, x), rtol=0, atol=0)
+    assert len(calls) == 1 and calls[0][1:] == (module.num_groups, module.weight, module.bias, module.eps)
+    monkeypatch.setattr(module, "comfy_cast_weights", True)  # partly offloaded: ComfyUI casts at each call
+    torch.testing.assert_close(forward(x), type(module).forward(module, x), rtol=0, atol=0)
+    assert len(calls) == 1

@@ -1,0 +1,32 @@
+"""ComfyUI's GroupNorm layers of the UNet through the pack's split-statistics GroupNorm (group_norm.py).
+
+Object-patched `forward` of every GroupNorm module of the diffusion model (ComfyUI's `ops.GroupNorm` and the
+transformers' `torch.nn.GroupNorm`). Where ComfyUI casts or patches the weights at each call (`comfy_cast_weights`
+when a model is partly offloaded, weight or bias functions of other nodes), its own forward runs.
+"""
+
+from typing import Dict
+
+import torch
+
+from ..group_norm import group_norm
+
+
+class SplitStatisticsGroupNorm:
+    """Replacement `forward` of one GroupNorm module; not an nn.Module, so setting it adds no state-dict key."""
+
+    def __init__(self, module: torch.nn.GroupNorm):
+        self.module = module
+
+    def __call__(self, input):
+        m = self.module
+        if getattr(m, "comfy_cast_weights", False) or getattr(m, "weight_function", None) \
+                or getattr(m, "bias_function", None):
+            return type(m).forward(m, input)
+        return group_norm(input, m.num_groups, m.weight, m.bias, m.eps)
+
+
+def forwards(diffusion_model: torch.nn.Module) -> Dict[str, SplitStatisticsGroupNorm]:
+    """{object-patch name: forward} of every GroupNorm of `diffusion_model`."""
+    return {f"diffusion_model.{path}.forward": SplitStatisticsGroupNorm(module)
+            for path, module in diffusion_model.named_modules() if isinstance(module, torch.nn.GroupNorm)}

@@ -1,0 +1,159 @@
+"""GroupNorm with its statistics reduced by many programs per group, on CUDA with Triton (forward; PyTorch's backward).
+
+PyTorch's CUDA GroupNorm reduces each (sample, group) with one thread block. SVD's temporal ResBlocks normalise a
+whole video as one sample (32 groups of 10 channels x 14 frames x 9216 tokens at 576x1024), so 32 blocks stream
+about 80 MB while the rest of an H200 idles: GroupNorm took 13 % of a plain UNet forward (`bench/op_sources.py`,
+docs/PERFORMANCE.md run 10). Here each group is split into chunks: one program per chunk computes the chunk's
+mean and sum of squared deviations, a second kernel merges them per group (Chan's formula: no cancellation
+between a large mean and a small variance), and a third normalises, one program per chunk again.
+
+The numbers are those of `F.group_norm` up to float32 summation order. Under autocast the statistics and the
+output are float32, as autocast runs GroupNorm; the input is read in its own dtype (no float32 copy). Backward is
+PyTorch's own (`native_group_norm_backward`) from the saved mean and 1/std. Elsewhere (CPU tensors, no Triton,
+inside torch.compile) it is `F.group_norm`. Runs on CPU tensors under TRITON_INTERPRET=1 (how the tests check it).
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # optional at run time: F.group_norm
+    triton = None
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+BLOCK = 1024
+CHUNK = 16 * BLOCK  # elements of one group per program
+
+
+def group_norm(x: torch.Tensor, groups: int, weight=None, bias=None, eps: float = 1e-5) -> torch.Tensor:
+    """F.group_norm(x, groups, weight, bias, eps), its statistics split over many programs where that runs."""
+    if not runs_fused(x, groups):
+        return F.group_norm(x, groups, weight, bias, eps)
+    out_dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
+    return _GroupNorm.apply(x, weight, bias, groups, float(eps), out_dtype)
+
+
+def runs_fused(x: torch.Tensor, groups: int) -> bool:
+    if triton is None or torch.compiler.is_compiling() or not (x.is_cuda or INTERPRETED):
+        return False
+    return x.dim() >= 2 and x.is_floating_point() and x.shape[1] % groups == 0 and x.numel() > 0
+
+
+class _GroupNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, eps, out_dtype):
+        x = x.contiguous()
+        samples, channels = x.shape[:2]
+        spatial = x.numel() // (samples * channels)
+        mean, rstd = statistics(x, groups, eps)
+        out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+        group_size = channels // groups * spatial
+        grid = (samples * groups, triton.cdiv(group_size, CHUNK))
+        with _on(x):
+            _normalize_kernel[grid](x, weight if weight is not None else x, bias if bias is not None else x, mean,
+                                    rstd, out, group_size, spatial, channels // groups, groups,
+                                    HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, CHUNK=CHUNK, BLOCK=BLOCK)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.shape = (samples, channels, spatial, groups)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight, mean, rstd = ctx.saved_tensors
+        samples, channels, spatial, groups = ctx.shape
+        dtype = grad.dtype  # PyTorch's backward takes one dtype: autocast's float32 output, or x's own
+        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        dx, dw, db = torch.ops.aten.native_group_norm_backward(
+            grad.contiguous(), x.to(dtype), mean.to(dtype), rstd.to(dtype),
+            weight.to(dtype) if weight is not None else None, samples, channels, spatial, groups, mask)
+        param_dtype = weight.dtype if weight is not None else x.dtype
+        return (dx.to(x.dtype) if dx is not None else None, dw.to(param_dtype) if dw is not None else None,
+                db.to(param_dtype) if db is not None else None, None, None, None)
+
+
+def statistics(x: torch.Tensor, groups: int, eps: float):
+    """(mean, 1/std) float32 (samples, groups) of contiguous x (samples, channels, ...)."""
+    samples, channels = x.shape[:2]
+    group_size = channels // groups * (x.numel() // (samples * channels))
+    chunks = triton.cdiv(group_size, CHUNK)
+    partial = torch.empty(samples * groups, chunks, 2, dtype=torch.float32, device=x.device)
+    mean = torch.empty(samples, groups, dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    with _on(x):
+        _partial_kernel[(samples * groups, chunks)](x, partial, group_size, chunks, CHUNK=CHUNK, BLOCK=BLOCK)
+        _merge_kernel[(samples * groups,)](partial, mean, rstd, group_size, chunks, eps, CHUNK=CHUNK,
+                                           CHUNKS=triton.next_power_of_2(chunks))
+    return mean, rstd
+
+
+def _on(x):
+    import contextlib
+
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+if triton is not None:
+    @triton.jit
+    def _partial_kernel(x_ptr, partial_ptr, group_size, chunks, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        """One chunk of one group: its mean and its sum of squared deviations (Chan's merge over BLOCK tiles)."""
+        row, chunk = tl.program_id(0), tl.program_id(1)
+        start = chunk * CHUNK
+        base = x_ptr + row.to(tl.int64) * group_size
+        count = 0.0
+        mean = 0.0
+        m2 = 0.0
+        for tile in range(0, CHUNK, BLOCK):
+            offsets = start + tile + tl.arange(0, BLOCK)
+            inside = offsets < group_size
+            values = tl.load(base + offsets, mask=inside, other=0.0).to(tl.float32)
+            n = tl.sum(inside.to(tl.float32), axis=0)
+            tile_mean = tl.sum(values, axis=0) / tl.maximum(n, 1.0)
+            tile_m2 = tl.sum(tl.where(inside, (values - tile_mean) * (values - tile_mean), 0.0), axis=0)
+            total = count + n
+            delta = tile_mean - mean
+            mean = mean + delta * n / tl.maximum(total, 1.0)
+            m2 = m2 + tile_m2 + delta * delta * count * n / tl.maximum(total, 1.0)
+            count = total
+        out = partial_ptr + (row.to(tl.int64) * chunks + chunk) * 2
+        tl.store(out, mean)
+        tl.store(out + 1, m2)
+
+    @triton.jit
+    def _merge_kernel(partial_ptr, mean_ptr, rstd_ptr, group_size, chunks, eps, CHUNK: tl.constexpr,
+                      CHUNKS: tl.constexpr):
+        """One group: its chunks' (mean, M2) merged; every chunk holds CHUNK elements but the last."""
+        row = tl.program_id(0)
+        index = tl.arange(0, CHUNKS)
+        inside = index < chunks
+        base = partial_ptr + row.to(tl.int64) * chunks * 2
+        means = tl.load(base + index * 2, mask=inside, other=0.0)
+        m2s = tl.load(base + index * 2 + 1, mask=inside, other=0.0)
+        counts = tl.where(inside, tl.minimum(group_size - index * CHUNK, CHUNK).to(tl.float32), 0.0)
+        mean = tl.sum(means * counts, axis=0) / group_size
+        m2 = tl.sum(m2s + counts * (means - mean) * (means - mean), axis=0)
+        tl.store(mean_ptr + row, mean)
+        tl.store(rstd_ptr + row, 1.0 / tl.sqrt(m2 / group_size + eps))
+
+    @triton.jit
+    def _normalize_kernel(x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, out_ptr, group_size, spatial, per_group, groups,
+                          HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        row, chunk = tl.program_id(0), tl.program_id(1)
+        mean = tl.load(mean_ptr + row)
+        rstd = tl.load(rstd_ptr + row)
+        first_channel = (row % groups) * per_group
+        base = row.to(tl.int64) * group_size
+        for tile in range(0, CHUNK, BLOCK):
+            offsets = chunk * CHUNK + tile + tl.arange(0, BLOCK)
+            inside = offsets < group_size
+            y = (tl.load(x_ptr + base + offsets, mask=inside, other=0.0).to(tl.float32) - mean) * rstd
+            channel = first_channel + offsets // spatial
+            if HAS_WEIGHT:
+                y = y * tl.load(w_ptr + channel, mask=inside, other=1.0).to(tl.float32)
+            if HAS_BIAS:
+                y = y + tl.load(b_ptr + channel, mask=inside, other=0.0).to(tl.float32)
+            tl.store(out_ptr + base + offsets, y.to(out_ptr.dtype.element_ty), mask=inside)

@@ -1,0 +1,74 @@
+"""The split-statistics GroupNorm (i2vedit_core/group_norm.py) against F.group_norm: its Triton kernels run under
+the CPU interpreter here, and on the GPU machine for real (tests that need CUDA are skipped without it)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from i2vedit_core import group_norm as gn
+from interpreted import run_interpreted
+
+_INTERPRETED_CHECK = r'''
+import json, torch, torch.nn.functional as F
+from i2vedit_core import group_norm as gn
+res, gen = {}, torch.Generator().manual_seed(0)
+cases = (("spatial", (3, 16, 5, 7), 4, torch.float32), ("video", (1, 8, 3, 40, 50), 2, torch.float32),
+         ("chunks", (1, 4, 3, 100, 100), 2, torch.float32),  # 60000 elements a group: 4 chunks, the last partial
+         ("half", (2, 8, 9, 9), 4, torch.float16))
+for name, shape, groups, dtype in cases:
+    x = (torch.randn(shape, generator=gen) * 0.5 + 40).to(dtype)  # a mean 80 stds away: no cancellation allowed
+    w, b = (torch.randn(shape[1], generator=gen).to(dtype) for _ in range(2))
+    ours = gn.group_norm(x, groups, w, b, 1e-5)
+    ref = F.group_norm(x.double(), groups, w.double(), b.double(), 1e-5)
+    res[name] = [gn.runs_fused(x, groups), float((ours.double() - ref).abs().max()), str(ours.dtype)]
+x = torch.randn(2, 8, 6, 6, generator=gen).to(torch.bfloat16).requires_grad_()
+w = torch.randn(8, generator=gen)
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    ours = gn.group_norm(x, 4, w, None, 1e-6)
+g = torch.randn(ours.shape, generator=gen)
+(gx,) = torch.autograd.grad((ours * g).sum(), x)
+xr = x.detach().double().requires_grad_()
+ref = F.group_norm(xr, 4, w.double(), None, 1e-6)
+(gr,) = torch.autograd.grad((ref * g.double()).sum(), xr)
+res["autocast"] = [float((ours.detach().double() - ref.detach()).abs().max()), str(ours.dtype),
+                   float((gx.double() - gr).abs().max() / gr.abs().max()), str(gx.dtype)]
+x = torch.randn(2, 8, 5, 5, generator=gen, requires_grad=True)
+w, b = (torch.randn(8, generator=gen, requires_grad=True) for _ in range(2))
+g = torch.randn(2, 8, 5, 5, generator=gen)
+ours = torch.autograd.grad((gn.group_norm(x, 2, w, b, 1e-5) * g).sum(), (x, w, b))
+ref = torch.autograd.grad((F.group_norm(x, 2, w, b, 1e-5) * g).sum(), (x, w, b))
+res["grads"] = [float((a - r).abs().max()) for a, r in zip(ours, ref)]
+print(json.dumps(res))
+'''
+
+
+def test_split_statistics_equal_group_norm_under_the_interpreter():
+    res = run_interpreted(_INTERPRETED_CHECK, timeout=600)
+    for name in ("spatial", "video", "chunks"):
+        fused, diff, dtype = res[name]
+        assert fused and dtype == "torch.float32" and diff < 2e-5, (name, res[name])
+    fused, diff, dtype = res["half"]
+    assert fused and dtype == "torch.float16" and diff < 4e-3  # fp16 rounding of outputs up to about 4
+    diff, dtype, grad_diff, grad_dtype = res["autocast"]
+    # autocast's GroupNorm: float32 statistics and output; the input's gradient in its own dtype
+    assert dtype == "torch.float32" and diff < 1e-5 and grad_dtype == "torch.bfloat16" and grad_diff < 1e-2
+    assert max(res["grads"]) < 1e-5
+
+
+def test_off_the_gpu_it_is_f_group_norm_itself():
+    x = torch.randn(2, 8, 4, 4)
+    assert not gn.runs_fused(x, 4)
+    w, b = torch.randn(8), torch.randn(8)
+    assert torch.equal(gn.group_norm(x, 4, w, b, 1e-6), F.group_norm(x, 4, w, b, 1e-6))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels run on CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_svd_sized_group_norm_on_the_gpu(dtype):
+    gen = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(1, 320, 14, 72, 128, generator=gen, device="cuda").to(dtype) * 2 + 1  # a temporal ResBlock's
+    w, b = (torch.randn(320, generator=gen, device="cuda").to(dtype) for _ in range(2))
+    ours = gn.group_norm(x, 32, w, b, 1e-5)
+    ref = F.group_norm(x.float(), 32, w.float(), b.float(), 1e-5)
+    assert gn.runs_fused(x, 32) and ours.dtype == dtype
+    torch.testing.assert_close(ours.float(), ref, rtol=0, atol=0.05)
