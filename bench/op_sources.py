@@ -7,8 +7,8 @@ Full-size random SVD as ComfyUI loads it (fp16 UNet), profiled with Python stack
 bf16 autocast (bench/floors.py). For each: the largest kernels by GPU time with their whole names, and the aten
 operators by the GPU time of the kernels they launched themselves, with the ComfyUI lines that called them. A
 backward operator has no Python stack (autograd's thread runs it); its forward's line is the one to read.
-Then the attention kernels the matched layers could use, timed on their shapes: FlashAttention-2 (what the pack
-calls for the log-sum-exp) against cuDNN's fused attention, which also returns one.
+Then the attention kernels the matched layers could use, timed on their shapes: FlashAttention-2 against cuDNN's
+fused attention, both with the log-sum-exp; and F.group_norm against the pack's split-statistics GroupNorm.
 """
 
 import argparse
@@ -17,6 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -143,6 +144,33 @@ def attention_kernels(emit, frames=14, reps=10):
         emit(f"| {tokens} | {heads} | {times['flash']:.2f} | {times['cudnn']:.2f} | {out_diff:.2e} | {lse_diff:.2e} |")
 
 
+def group_norm_kernels(emit, reps=10):
+    """F.group_norm against the pack's split-statistics GroupNorm on SVD's shapes: inference (fp16) and a training
+    step's forward + backward (bf16 input under autocast, as ComfyUI's fp16 UNet trains)."""
+    if not torch.cuda.is_available():
+        return
+    from i2vedit_core.group_norm import group_norm
+
+    emit("\n## GroupNorm on SVD's shapes (32 groups)\n\n| input | pass | F.group_norm ms | split statistics ms | "
+         "max diff |\n|---|---|---|---|---|")
+    shapes = ((14, 320, 72, 128), (1, 320, 14, 72, 128), (14, 640, 36, 64), (1, 1280, 14, 18, 32))
+    for shape in shapes:
+        x = torch.randn(shape, device="cuda", dtype=torch.float16)
+        w, b = (torch.randn(shape[1], device="cuda", dtype=torch.float16) for _ in range(2))
+        times = [floors.timed(lambda f=f: f(x, 32, w, b, 1e-5), reps) * 1e3 for f in (F.group_norm, group_norm)]
+        diff = float((F.group_norm(x, 32, w, b, 1e-5).float() - group_norm(x, 32, w, b, 1e-5).float()).abs().max())
+        emit(f"| {tuple(shape)} fp16 | forward | {times[0]:.3f} | {times[1]:.3f} | {diff:.1e} |")
+        xb = x.to(torch.bfloat16).requires_grad_()
+        grad = torch.randn(shape, device="cuda")
+
+        def step(f):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = f(xb, 32, w, b, 1e-5)
+            y.backward(grad)
+        times = [floors.timed(lambda f=f: step(f), reps) * 1e3 for f in (F.group_norm, group_norm)]
+        emit(f"| {tuple(shape)} bf16, autocast | forward + backward | {times[0]:.3f} | {times[1]:.3f} | |")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--comfyui", required=True)
@@ -175,6 +203,7 @@ def main(argv=None):
     report(emit, f"bare-LoRA training step, bf16 autocast, {train['hw'][0]}x{train['hw'][1]}", profile_stacks(step),
            args.top)
     attention_kernels(emit)
+    group_norm_kernels(emit)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "op_sources.md").write_text("\n".join(lines) + "\n")
