@@ -9,21 +9,19 @@ from typing import Dict
 
 import torch
 
-from ..group_norm import group_norm
+from .. import group_norm
+from ..group_norm import GroupNormForward
 
 
-class SplitStatisticsGroupNorm:
-    """Replacement `forward` of one GroupNorm module; not an nn.Module, so setting it adds no state-dict key."""
-
-    def __init__(self, module: torch.nn.GroupNorm):
-        self.module = module
+class SplitStatisticsGroupNorm(GroupNormForward):
+    """GroupNormForward, except where ComfyUI casts or patches the module's weights at each call."""
 
     def __call__(self, input):
         m = self.module
         if getattr(m, "comfy_cast_weights", False) or getattr(m, "weight_function", None) \
                 or getattr(m, "bias_function", None):
             return type(m).forward(m, input)
-        return group_norm(input, m.num_groups, m.weight, m.bias, m.eps)
+        return group_norm.group_norm(input, m.num_groups, m.weight, m.bias, m.eps)
 
 
 def forwards(diffusion_model: torch.nn.Module) -> Dict[str, SplitStatisticsGroupNorm]:

@@ -19,6 +19,7 @@ check_versions()  # before anything touches diffusers/peft: a clear message inst
 from .diffusers_attention import use_attention  # noqa: E402
 from . import diffusers_lora  # noqa: E402
 from .diffusers_checkpointing import checkpointing  # noqa: E402
+from .diffusers_fast_layers import FastLayers  # noqa: E402
 from .diffusers_lora import use_lora_scale  # noqa: E402
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -36,6 +37,7 @@ class DiffusersBackend:
         self.clip_size = int(image_encoder.config.image_size)
         self.offload = False
         self.dropout_seeds = CallSeeds()  # the running UNet call's LoRA dropout seed (diffusers_lora)
+        self.fast_layers = FastLayers(unet)  # set around each UNet call only
         for module in (unet, vae, image_encoder):
             module.eval().requires_grad_(False)
 
@@ -90,7 +92,7 @@ class DiffusersBackend:
         model_in = torch.cat([x * pre.c_in, cond.image_latents.to(x)], dim=2)
         timestep = torch.as_tensor(pre.c_noise, dtype=torch.float32, device=self.device)
         with use_attention(self.unet, attention), use_lora_scale(self.unet, lora_scale, lora_slot), \
-                self.dropout_seeds.call():
+                self.dropout_seeds.call(), self.fast_layers.installed():
             v = self.unet(model_in.to(self.device, self.dtype), timestep,
                           encoder_hidden_states=cond.image_embeds.to(self.device, self.dtype),
                           added_time_ids=cond.time_ids.to(self.device, self.dtype), return_dict=False)[0]

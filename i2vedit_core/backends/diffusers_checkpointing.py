@@ -49,35 +49,45 @@ def _checkpoint_heavy_layers(unet, gradient_checkpointing, seeds: CallSeeds) -> 
 
 
 def _checkpointed(module, forward, seeds: CallSeeds):
-    """forward under activation checkpointing, recomputed with the attention processors and the LoRA dropout seed
-    it ran with.
+    """forward under activation checkpointing, recomputed with the attention processors, the GroupNorm forwards and
+    the LoRA dropout seed it ran with.
 
-    Processors are swapped per call by `use_attention` (attention control, skip-interval); backward
-    runs after the call has restored the defaults, so the recompute reinstalls the call's own. The seed makes the
-    recomputation draw the forward's dropout masks without restoring any RNG state (a captured step cannot).
+    Processors are swapped per call by `use_attention` (attention control, skip-interval) and the fast layers
+    (diffusers_fast_layers); backward runs after the call has restored the defaults, so the recompute reinstalls
+    the call's own. The seed makes the recomputation draw the forward's dropout masks without restoring any RNG
+    state (a captured step cannot).
     """
     attentions = [m for m in module.modules() if hasattr(m, "set_processor") and hasattr(m, "processor")]
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.GroupNorm)]
     holds_lora = any(name.startswith("temporal_transformer_blocks.") for name, _ in module.named_modules())  # LoRA sites
 
     def call(*args, **kwargs):
         if not torch.is_grad_enabled():  # nothing to recompute for
             return forward(*args, **kwargs)
         processors = [m.processor for m in attentions]
+        norm_forwards = [m.__dict__.get("forward") for m in norms]
         seed = seeds.current or DropoutSeed()
 
         def run(*inner_args, **inner_kwargs):
             current = [m.processor for m in attentions]
-            for m, p in zip(attentions, processors):
-                m.processor = p
+            current_norms = [m.__dict__.get("forward") for m in norms]
+            _set(attentions, norms, processors, norm_forwards)
             try:
                 with seeds.call(seed):
                     return forward(*inner_args, **inner_kwargs)
             finally:
-                for m, p in zip(attentions, current):
-                    m.processor = p
+                _set(attentions, norms, current, current_norms)
 
         return recompute(run, *args, holds_trainable=holds_lora, **kwargs)
 
     return call
 
 
+def _set(attentions, norms, processors, norm_forwards) -> None:
+    for m, p in zip(attentions, processors):
+        m.processor = p
+    for m, f in zip(norms, norm_forwards):
+        if f is None:
+            m.__dict__.pop("forward", None)
+        else:
+            m.forward = f
