@@ -1,4 +1,5 @@
-"""GroupNorm with its statistics reduced by many programs per group, on CUDA with Triton (forward; PyTorch's backward).
+"""GroupNorm with its statistics reduced by many programs per group, on CUDA with Triton (forward; PyTorch's backward),
+where PyTorch's kernel has too few groups to fill the GPU.
 
 PyTorch's CUDA GroupNorm reduces each (sample, group) with one thread block. SVD's temporal ResBlocks normalise a
 whole video as one sample (32 groups of 10 channels x 14 frames x 9216 tokens at 576x1024), so 32 blocks stream
@@ -27,6 +28,10 @@ except ImportError:  # optional at run time: F.group_norm
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 1024
 CHUNK = 16 * BLOCK  # elements of one group per program
+# PyTorch's kernel is as fast where it has enough (sample, group) rows to fill the GPU: 14 frames x 32 groups
+# (a spatial ResBlock) ran in 0.231 ms against 0.244 here, and slower here with backward; a video as one sample
+# (32 rows) in 1.187 ms against 0.266 (H200, bench/op_sources.py). So only fewer rows than this take the split.
+SPLIT_BELOW_ROWS = 256
 
 
 def group_norm(x: torch.Tensor, groups: int, weight=None, bias=None, eps: float = 1e-5) -> torch.Tensor:
@@ -52,7 +57,8 @@ class GroupNormForward:
 def runs_fused(x: torch.Tensor, groups: int) -> bool:
     if triton is None or torch.compiler.is_compiling() or not (x.is_cuda or INTERPRETED):
         return False
-    return x.dim() >= 2 and x.is_floating_point() and x.shape[1] % groups == 0 and x.numel() > 0
+    return (x.dim() >= 2 and x.is_floating_point() and x.shape[1] % groups == 0 and x.numel() > 0
+            and x.shape[0] * groups < SPLIT_BELOW_ROWS)
 
 
 class _GroupNorm(torch.autograd.Function):

@@ -38,6 +38,7 @@ g = torch.randn(2, 8, 5, 5, generator=gen)
 ours = torch.autograd.grad((gn.group_norm(x, 2, w, b, 1e-5) * g).sum(), (x, w, b))
 ref = torch.autograd.grad((F.group_norm(x, 2, w, b, 1e-5) * g).sum(), (x, w, b))
 res["grads"] = [float((a - r).abs().max()) for a, r in zip(ours, ref)]
+res["split_where"] = [gn.runs_fused(torch.empty(1, 64, 3, 2, 2), 32), gn.runs_fused(torch.empty(14, 64, 2, 2), 32)]
 print(json.dumps(res))
 '''
 
@@ -53,6 +54,7 @@ def test_split_statistics_equal_group_norm_under_the_interpreter():
     # autocast's GroupNorm: float32 statistics and output; the input's gradient in its own dtype
     assert dtype == "torch.float32" and diff < 1e-5 and grad_dtype == "torch.bfloat16" and grad_diff < 1e-2
     assert max(res["grads"]) < 1e-5
+    assert res["split_where"] == [True, False]  # a video as one sample (32 rows), not 14 frames (448 rows)
 
 
 def test_off_the_gpu_it_is_f_group_norm_itself():
