@@ -125,7 +125,7 @@ if triton is not None:
         count = 0.0
         mean = 0.0
         m2 = 0.0
-        for tile in range(0, CHUNK, BLOCK):
+        for tile in range(0, tl.minimum(CHUNK, group_size - start), BLOCK):  # the last chunk may be short
             offsets = start + tile + tl.arange(0, BLOCK)
             inside = offsets < group_size
             values = tl.load(base + offsets, mask=inside, other=0.0).to(tl.float32)
@@ -165,7 +165,7 @@ if triton is not None:
         rstd = tl.load(rstd_ptr + row)
         first_channel = (row % groups) * per_group
         base = row.to(tl.int64) * group_size
-        for tile in range(0, CHUNK, BLOCK):
+        for tile in range(0, tl.minimum(CHUNK, group_size - chunk * CHUNK), BLOCK):
             offsets = chunk * CHUNK + tile + tl.arange(0, BLOCK)
             inside = offsets < group_size
             y = (tl.load(x_ptr + base + offsets, mask=inside, other=0.0).to(tl.float32) - mean) * rstd
