@@ -32,6 +32,7 @@ CHUNK = 16 * BLOCK  # elements of one group per program
 # (a spatial ResBlock) ran in 0.231 ms against 0.244 here, and slower here with backward; a video as one sample
 # (32 rows) in 1.187 ms against 0.266 (H200, bench/op_sources.py). So only fewer rows than this take the split.
 SPLIT_BELOW_ROWS = 256
+MAX_CHUNKS = 65535  # the grid's second axis: about 1.07e9 elements per (sample, group)
 
 
 def group_norm(x: torch.Tensor, groups: int, weight=None, bias=None, eps: float = 1e-5) -> torch.Tensor:
@@ -57,8 +58,10 @@ class GroupNormForward:
 def runs_fused(x: torch.Tensor, groups: int) -> bool:
     if triton is None or torch.compiler.is_compiling() or not (x.is_cuda or INTERPRETED):
         return False
-    return (x.dim() >= 2 and x.is_floating_point() and x.shape[1] % groups == 0 and x.numel() > 0
-            and x.shape[0] * groups < SPLIT_BELOW_ROWS)
+    if not (x.dim() >= 2 and x.is_floating_point() and x.shape[1] % groups == 0 and x.numel() > 0):
+        return False
+    group_size = x.numel() // (x.shape[0] * groups)
+    return x.shape[0] * groups < SPLIT_BELOW_ROWS and -(-group_size // CHUNK) <= MAX_CHUNKS
 
 
 class _GroupNorm(torch.autograd.Function):

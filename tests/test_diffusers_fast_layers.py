@@ -78,3 +78,38 @@ def test_a_checkpointed_recomputation_runs_the_calls_group_norms(backend, monkey
         assert during_call > 0 and len(calls) > during_call  # recomputed in backward with the same forwards
     finally:
         backend.detach_lora()
+
+
+def test_other_processors_and_forwards_set_on_the_unet_are_left_alone(backend):
+    """An IP-Adapter-like processor (an nn.Module) on an attn2, and a forward an offloading hook set on a GroupNorm,
+    stay what they are during the call and after it."""
+    x, cond = inputs()
+    cond = Conditioning(torch.randn(1, 1, backend.unet.config.cross_attention_dim), cond.image_latents, cond.time_ids)
+    attn2 = backend.fast_layers.attn2[0]
+    norm = backend.fast_layers.norms[0][0]
+    seen = []
+
+    class ModuleProcessor(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, attn, hidden_states, *args, **kwargs):
+            seen.append("processor")
+            return self.inner(attn, hidden_states, *args, **kwargs)
+
+    def hooked(input, norm=norm):
+        seen.append("norm")
+        return torch.nn.GroupNorm.forward(norm, input)
+
+    original = attn2.processor
+    attn2.set_processor(ModuleProcessor(original))
+    norm.forward = hooked
+    try:
+        mine = attn2.processor
+        backend.denoise(x, 1.0, cond)
+        assert seen.count("processor") == 1 and seen.count("norm") >= 1
+        assert attn2.processor is mine and norm.__dict__["forward"] is hooked
+    finally:
+        attn2.set_processor(original)
+        del norm.forward

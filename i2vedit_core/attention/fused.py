@@ -35,10 +35,13 @@ def attention_with_lse(q, k, v, want_lse: bool = True) -> Tuple[torch.Tensor, Op
     it with the output on CUDA in half precision; elsewhere (or when both refuse) plain SDPA and None, and the
     distance kernel finds the log-sum-exp itself."""
     if want_lse and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        fused = first_with_lse((cudnn_kernel, flash_kernel), q, k, v)
+        kernels = [kernel for kernel, enabled in ((cudnn_kernel, torch.backends.cuda.cudnn_sdp_enabled),
+                                                  (flash_kernel, torch.backends.cuda.flash_sdp_enabled)) if enabled()]
+        fused = first_with_lse(kernels, q, k, v)
         if fused is not None:
             return fused
-        _warn_fallback()
+        if kernels:  # switched off by the user is not a refusal
+            _warn_fallback()
     return sdpa(q, k, v), None
 
 

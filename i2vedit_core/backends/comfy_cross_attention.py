@@ -4,9 +4,10 @@ Every attn2 of SVD attends to a single key: the CLIP image embedding (spatial bl
 per position (temporal blocks). A softmax over one key is exactly 1, so the output is v for every query whatever q
 and k are; ComfyUI still projects q and k and runs an attention kernel on them, forward and backward (its share of
 an H200 step: docs/PERFORMANCE.md, run 10). The object-patched forward below returns to_out(v, one row per query):
-the same numbers, since any attention kernel returns v itself here. With a mask, more than one key, or batches
-that differ, ComfyUI's own forward runs; another pack's attn2 replacement is called by ComfyUI instead of this
-module, so it still runs.
+the same numbers, since any attention kernel returns v itself here. With a mask, more than one key, batches that
+differ or another pack's attention function (`optimized_attention_override`), ComfyUI's own forward runs; another
+pack's attn2 replacement is called by ComfyUI instead of this module, and another pack's object patch on the same
+forward is kept (comfy_forwards installs this one only where there is none).
 
 Decision (docs/PERFORMANCE.md, run 10): q and k are not computed, so the motion LoRA's adapters on the temporal
 attn2.to_q and attn2.to_k get no gradient (theirs is 0: they feed only that one-key softmax) and AdamW, which skips
@@ -31,7 +32,7 @@ class OneKeyCrossAttention:
     def __call__(self, x, context=None, value=None, mask=None, transformer_options={}):
         m = self.module
         source = context if value is None else value
-        if not one_key(x, context, source, mask):
+        if not one_key(x, context, source, mask) or "optimized_attention_override" in transformer_options:
             return type(m).forward(m, x, context=context, value=value, mask=mask,
                                    transformer_options=transformer_options)
         v = m.to_v(source)

@@ -35,15 +35,20 @@ class SharedForwards:
         lora, switch = unbound_state()
         self.lora = comfy_lora.forwards(self.linears, lora)
         self.layers = comfy_training.checkpointed_forwards(diffusion_model, switch, self.linears.values())
-        self.patches: Dict[str, object] = {**comfy_attention.forwards(self.attn1), **self.lora, **self.layers,
-                                           **comfy_cross_attention.forwards(diffusion_model),
-                                           **comfy_group_norm.forwards(diffusion_model)}
+        self.patches: Dict[str, object] = {**comfy_attention.forwards(self.attn1), **self.lora, **self.layers}
+        # Faster layers with the same numbers: kept off a forward another pack already object-patched.
+        self.optional: Dict[str, object] = {**comfy_cross_attention.forwards(diffusion_model),
+                                            **comfy_group_norm.forwards(diffusion_model)}
         self.bound = switch
 
     def install(self, patcher) -> None:
-        """Object-patch every forward on `patcher` (a clone), plus the LoRA's per-call wrapper."""
+        """Object-patch every forward on `patcher` (a clone), plus the LoRA's per-call wrapper; the faster layers only
+        where no other pack object-patched that forward."""
         for name, forward in self.patches.items():
             patcher.add_object_patch(name, forward)
+        for name, forward in self.optional.items():
+            if patcher.object_patches.get(name, forward) is forward:
+                patcher.add_object_patch(name, forward)
         comfy_lora.install_call_scope(patcher)
 
     def bind(self, switch: comfy_training.Switch) -> None:

@@ -27,4 +27,11 @@ class SplitStatisticsGroupNorm(GroupNormForward):
 def forwards(diffusion_model: torch.nn.Module) -> Dict[str, SplitStatisticsGroupNorm]:
     """{object-patch name: forward} of every GroupNorm of `diffusion_model`."""
     return {f"diffusion_model.{path}.forward": SplitStatisticsGroupNorm(module)
-            for path, module in diffusion_model.named_modules() if isinstance(module, torch.nn.GroupNorm)}
+            for path, module in diffusion_model.named_modules() if plain_group_norm(module)}
+
+
+def plain_group_norm(module: torch.nn.Module) -> bool:
+    """torch's GroupNorm or ComfyUI's ops.GroupNorm (which runs torch's); not a subclass with a forward of its own."""
+    forward = getattr(type(module), "forward", None)
+    return isinstance(module, torch.nn.GroupNorm) and (
+        forward is torch.nn.GroupNorm.forward or getattr(forward, "__module__", "") == "comfy.ops")

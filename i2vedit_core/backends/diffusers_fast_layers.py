@@ -46,26 +46,37 @@ def one_key(attn, hidden_states, context, mask) -> bool:
 
 
 class FastLayers:
-    """The attn2 processors and GroupNorm forwards of one UNet, made once."""
+    """The attn2 processors and GroupNorm forwards of one UNet, made once. Only layers running diffusers' own
+    softmax attention processor or torch's GroupNorm forward are replaced: another processor (an IP-Adapter's), a
+    GroupNorm subclass or a forward someone set on the module (an offloading hook) is left as it is."""
 
     def __init__(self, unet: torch.nn.Module):
         self.attn2 = [m for path, m in unet.named_modules() if path.endswith(ATTN2_SUFFIX)]
-        self.norms = [(m, GroupNormForward(m)) for m in unet.modules() if isinstance(m, torch.nn.GroupNorm)]
+        self.norms = [(m, GroupNormForward(m)) for m in unet.modules()
+                      if isinstance(m, torch.nn.GroupNorm) and type(m).forward is torch.nn.GroupNorm.forward]
         self.processors = {id(m): OneKeyAttnProcessor(m.processor) for m in self.attn2}
 
     @contextmanager
     def installed(self) -> Iterator[None]:
-        originals = [m.processor for m in self.attn2]
+        attn2 = [(m, m.processor) for m in self.attn2 if type(m.processor) in plain_processors()]
+        norms = [(m, forward) for m, forward in self.norms if "forward" not in m.__dict__]
         try:
-            for m in self.attn2:
+            for m, original in attn2:
                 processor = self.processors[id(m)]
-                processor.inner = m.processor  # another processor set since (use_attention's are attn1 only)
+                processor.inner = original
                 m.processor = processor
-            for module, forward in self.norms:
+            for module, forward in norms:
                 module.forward = forward
             yield
         finally:
-            for module, _ in self.norms:
+            for module, _ in norms:
                 module.__dict__.pop("forward", None)
-            for m, original in zip(self.attn2, originals):
+            for m, original in attn2:
                 m.processor = original
+
+
+def plain_processors() -> tuple:
+    """diffusers' softmax attention processors (not nn.Modules): the ones whose one-key output is v."""
+    from diffusers.models import attention_processor as ap
+
+    return tuple(getattr(ap, name) for name in ("AttnProcessor2_0", "AttnProcessor") if hasattr(ap, name))

@@ -58,13 +58,34 @@ def test_more_keys_or_a_mask_run_comfyuis_forward(comfy_parts):
     torch.testing.assert_close(forward(x, context=context), type(module).forward(module, x, context=context),
                                rtol=0, atol=0)
     x, context = inputs(module, keys=1)
-    mask = torch.zeros(x.shape[1], 1)
-    mask[0] = -torch.inf  # a mask over one key is what ComfyUI's masked kernel handles, not this shortcut
-    assert torch.isnan(forward(x, context=context, mask=mask)).any() == \
-        torch.isnan(type(module).forward(module, x, context=context, mask=mask)).any()
-    assert not cross.one_key(x, context, context, mask)
+    assert not cross.one_key(x, context, context, torch.zeros(x.shape[1], 1))
     assert not cross.one_key(x, None, None, None)
-    assert not cross.one_key(x, context[:2], context[:2], None)  # batches differ: ComfyUI broadcasts, not us
+    assert not cross.one_key(x, context[:2], context[:2], None)  # batches differ: ComfyUI's kernels refuse it too
+    assert cross.one_key(x, context, context, None)
+    calls = []
+
+    def override(func, *args, **kwargs):  # another pack's attention function (ComfyUI's optimized_attention_override)
+        calls.append(args[0].shape)
+        return func(*args, **kwargs)
+
+    out = forward(x, context=context, transformer_options={"optimized_attention_override": override})
+    assert len(calls) == 1
+    torch.testing.assert_close(out, type(module).forward(module, x, context=context), rtol=0, atol=0)
+
+
+def test_another_packs_object_patch_on_an_attn2_or_a_group_norm_is_kept(comfy_parts):
+    from i2vedit_core.backends.comfy_forwards import shared_forwards
+
+    theirs = comfy_parts["model"].clone()
+    base = theirs.model.diffusion_model
+    names = [next(n for n in shared_forwards(base).optional if ".attn2." in n),
+             next(n for n in shared_forwards(base).optional if ".attn2." not in n)]
+    for name in names:
+        theirs.add_object_patch(name, lambda *args, **kwargs: None)
+    ours = theirs.clone()
+    shared_forwards(base).install(ours)
+    for name, forward in shared_forwards(base).optional.items():
+        assert (ours.object_patches[name] is forward) == (name not in names)
 
 
 def test_the_backends_unet_equals_the_plain_model(comfy_parts, comfy_backend):
