@@ -100,6 +100,18 @@ def comfy_parts(modules, unet_config=None, head_channels: int = 64, clip_config=
     return dict(model=patcher, clip_vision=clip_vision, vae=vae_out, dtype=dtype)
 
 
+def comfy_profile_parts(root: str, tiny: bool, frames: int = 14):
+    """ComfyUI set up from `root` and its SVD parts for a profile: full size on CUDA, or the CI's tiny models on the
+    CPU (smoke runs); the diffusers modules they were filled from are moved off the GPU."""
+    setup_comfyui(root, cpu=tiny)
+    torch.manual_seed(0)
+    modules = tiny_modules(full_vae=True) if tiny else diffusers_modules("cuda", frames)
+    parts = comfy_parts(modules, **({} if torch.cuda.is_available() else TINY_COMFY))
+    for module in modules:
+        module.to("cpu")
+    return parts
+
+
 def comfy_backend(parts):
     from i2vedit_core.backends.comfy import ComfyBackend
 

@@ -88,12 +88,7 @@ def main(argv=None):
         print(text, flush=True)
         lines.append(text)
 
-    builders.setup_comfyui(args.comfyui, cpu=args.tiny)
-    torch.manual_seed(0)
-    modules = builders.tiny_modules(full_vae=True) if args.tiny else builders.diffusers_modules("cuda", size["frames"])
-    parts = builders.comfy_parts(modules, **({} if torch.cuda.is_available() else builders.TINY_COMFY))
-    for module in modules:
-        module.to("cpu")
+    parts = builders.comfy_profile_parts(args.comfyui, args.tiny, size["frames"])
     backend = builders.comfy_backend(parts)
     pack = profiled(edit_run(backend, size, args.steps))
     backend.release()

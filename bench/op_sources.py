@@ -186,13 +186,7 @@ def main(argv=None):
         print(text, flush=True)
         lines.append(text)
 
-    builders.setup_comfyui(args.comfyui, cpu=args.tiny)
-    torch.manual_seed(0)
-    modules = builders.tiny_modules(full_vae=True) if args.tiny else builders.diffusers_modules("cuda", 14)
-    parts = builders.comfy_parts(modules, **({} if torch.cuda.is_available() else builders.TINY_COMFY))
-    for module in modules:
-        module.to("cpu")
-    del modules
+    parts = builders.comfy_profile_parts(args.comfyui, args.tiny, 14)
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     emit(f"# Where the floor's GPU time goes, ComfyUI {parts['dtype']} ({name}, torch {torch.__version__})")
     forward, train = (TINY_FORWARD, TINY_TRAIN) if args.tiny else (FORWARD, TRAIN)

@@ -14,6 +14,7 @@ PyTorch's own (`native_group_norm_backward`) from the saved mean and 1/std. Else
 inside torch.compile) it is `F.group_norm`. Runs on CPU tensors under TRITON_INTERPRET=1 (how the tests check it).
 """
 
+import contextlib
 import os
 
 import torch
@@ -113,8 +114,6 @@ def statistics(x: torch.Tensor, groups: int, eps: float):
 
 
 def _on(x):
-    import contextlib
-
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
