@@ -103,6 +103,8 @@ def comfy_parts(modules, unet_config=None, head_channels: int = 64, clip_config=
 def comfy_profile_parts(root: str, tiny: bool, frames: int = 14):
     """ComfyUI set up from `root` and its SVD parts for a profile: full size on CUDA, or the CI's tiny models on the
     CPU (smoke runs); the diffusers modules they were filled from are moved off the GPU."""
+    if not tiny and not torch.cuda.is_available():
+        raise SystemExit("needs CUDA (or --tiny for the CPU smoke run)")
     setup_comfyui(root, cpu=tiny)
     torch.manual_seed(0)
     modules = tiny_modules(full_vae=True) if tiny else diffusers_modules("cuda", frames)

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import builders  # noqa: E402
 import floors  # noqa: E402
+from report import Report  # noqa: E402
 from i2vedit_core.inversion import InversionSettings  # noqa: E402
 from i2vedit_core.lora import LoraSpec  # noqa: E402
 from i2vedit_core.pipeline import (PipelineSettings, check_edited_frames, invert_video, prepare_video,  # noqa: E402
@@ -80,14 +81,7 @@ def main(argv=None):
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     size = TINY if args.tiny else FULL
-    if not args.tiny and not torch.cuda.is_available():
-        sys.exit("needs CUDA (or --tiny for the CPU smoke run)")
-    lines = []
-
-    def emit(text):
-        print(text, flush=True)
-        lines.append(text)
-
+    emit = Report()
     parts = builders.comfy_profile_parts(args.comfyui, args.tiny, size["frames"])
     backend = builders.comfy_backend(parts)
     pack = profiled(edit_run(backend, size, args.steps))
@@ -103,9 +97,7 @@ def main(argv=None):
     kernel_differences(emit, "pack", pack[2], floor[2], args.top)
     emit("\nHost: CPU operators by self time (the host's share of a GPU-idle step)")
     kernel_differences(emit, "pack", pack[3], floor[3], args.top)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "edit_profile.md").write_text("\n".join(lines) + "\n")
+    emit.write(args.out, "edit_profile.md")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import builders  # noqa: E402
 import floors  # noqa: E402
+from report import Report  # noqa: E402
 from step_profile import floor_step  # noqa: E402
 
 FORWARD = dict(hw=(576, 1024), frames=14)
@@ -178,14 +179,7 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (smoke run)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    if not args.tiny and not torch.cuda.is_available():
-        sys.exit("needs CUDA (or --tiny for the CPU smoke run)")
-    lines = []
-
-    def emit(text):
-        print(text, flush=True)
-        lines.append(text)
-
+    emit = Report()
     parts = builders.comfy_profile_parts(args.comfyui, args.tiny, 14)
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     emit(f"# Where the floor's GPU time goes, ComfyUI {parts['dtype']} ({name}, torch {torch.__version__})")
@@ -198,9 +192,7 @@ def main(argv=None):
            args.top)
     attention_kernels(emit)
     group_norm_kernels(emit)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "op_sources.md").write_text("\n".join(lines) + "\n")
+    emit.write(args.out, "op_sources.md")
 
 
 if __name__ == "__main__":

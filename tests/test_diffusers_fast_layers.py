@@ -85,7 +85,7 @@ def test_other_processors_and_forwards_set_on_the_unet_are_left_alone(backend):
     stay what they are during the call and after it."""
     x, cond = inputs()
     cond = Conditioning(torch.randn(1, 1, backend.unet.config.cross_attention_dim), cond.image_latents, cond.time_ids)
-    attn2 = backend.fast_layers.attn2[0]
+    attn2 = backend.fast_layers.attn2[0][0]
     norm = backend.fast_layers.norms[0][0]
     seen = []
 

@@ -51,27 +51,27 @@ class FastLayers:
     GroupNorm subclass or a forward someone set on the module (an offloading hook) is left as it is."""
 
     def __init__(self, unet: torch.nn.Module):
-        self.attn2 = [m for path, m in unet.named_modules() if path.endswith(ATTN2_SUFFIX)]
+        self.attn2 = [(m, OneKeyAttnProcessor(m.processor)) for path, m in unet.named_modules()
+                      if path.endswith(ATTN2_SUFFIX)]
         self.norms = [(m, GroupNormForward(m)) for m in unet.modules()
                       if isinstance(m, torch.nn.GroupNorm) and type(m).forward is torch.nn.GroupNorm.forward]
-        self.processors = {id(m): OneKeyAttnProcessor(m.processor) for m in self.attn2}
+        self.plain = plain_processors()
 
     @contextmanager
     def installed(self) -> Iterator[None]:
-        attn2 = [(m, m.processor) for m in self.attn2 if type(m.processor) in plain_processors()]
+        attn2 = [(m, m.processor, ours) for m, ours in self.attn2 if type(m.processor) in self.plain]
         norms = [(m, forward) for m, forward in self.norms if "forward" not in m.__dict__]
         try:
-            for m, original in attn2:
-                processor = self.processors[id(m)]
-                processor.inner = original
-                m.processor = processor
+            for m, original, ours in attn2:
+                ours.inner = original
+                m.processor = ours
             for module, forward in norms:
                 module.forward = forward
             yield
         finally:
             for module, _ in norms:
                 module.__dict__.pop("forward", None)
-            for m, original in attn2:
+            for m, original, _ in attn2:
                 m.processor = original
 
 
