@@ -7,6 +7,7 @@ Full-size random SVD as ComfyUI loads it (fp16 UNet), profiled with Python stack
 bf16 autocast (bench/floors.py). For each: the largest kernels by GPU time with their whole names, and the aten
 operators by the GPU time of the kernels they launched themselves, with the ComfyUI lines that called them. A
 backward operator has no Python stack (autograd's thread runs it); its forward's line is the one to read.
+With --pack, the pack's own eager training step (fast tier) the same way.
 Then the attention kernels the matched layers could use, timed on their shapes: FlashAttention-2 against cuDNN's
 fused attention, both with the log-sum-exp; and F.group_norm against the pack's split-statistics GroupNorm.
 """
@@ -25,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import builders  # noqa: E402
 import floors  # noqa: E402
 from report import Report  # noqa: E402
-from step_profile import floor_step  # noqa: E402
+from compile_step import inputs  # noqa: E402
+from step_profile import floor_step, pack_step  # noqa: E402
 
 FORWARD = dict(hw=(576, 1024), frames=14)
 TRAIN = dict(hw=(512, 896), frames=14, context=1024)
@@ -116,6 +118,27 @@ def plain_forward(model, size):
     return run
 
 
+def pack_training_step(parts, size):
+    """The pack's eager training step (fast tier, the real LoRA spec) through a ComfyBackend on `parts`; the step
+    and a function that lets the backend go."""
+    import comfy.model_management as mm
+    from i2vedit_core.lora import LoraSpec
+    from i2vedit_core.training import TrainingSettings
+
+    backend = builders.comfy_backend(parts)
+    z0, cond = inputs(backend, size["frames"], size["hw"], size["context"])
+    mm.load_models_gpu([backend.patcher])
+    scope = backend.lora_training(False)
+    scope.__enter__()
+    step = pack_step(backend, z0, cond, LoraSpec(), TrainingSettings())
+
+    def release():
+        scope.__exit__(None, None, None)
+        backend.detach_lora()
+        backend.release()
+    return step, release
+
+
 def attention_kernels(emit, frames=14, reps=10):
     """Flash-2 against cuDNN's fused attention, both with the log-sum-exp, on the matched layers' shapes."""
     if not torch.cuda.is_available():
@@ -176,6 +199,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--comfyui", required=True)
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--pack", action="store_true", help="also profile the pack's own training step")
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (smoke run)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -190,6 +214,11 @@ def main(argv=None):
     step = floor_step(parts["model"], train)
     report(emit, f"bare-LoRA training step, bf16 autocast, {train['hw'][0]}x{train['hw'][1]}", profile_stacks(step),
            args.top)
+    if args.pack:
+        step, release = pack_training_step(parts, train)
+        report(emit, f"the pack's eager training step, {train['hw'][0]}x{train['hw'][1]}", profile_stacks(step),
+               args.top)
+        release()
     attention_kernels(emit)
     group_norm_kernels(emit)
     emit.write(args.out, "op_sources.md")

@@ -8,10 +8,13 @@ docs/PERFORMANCE.md run 10). Here each group is split into chunks: one program p
 mean and sum of squared deviations, a second kernel merges them per group (Chan's formula: no cancellation
 between a large mean and a small variance), and a third normalises, one program per chunk again.
 
-The numbers are those of `F.group_norm` up to float32 summation order. Under autocast the statistics and the
-output are float32, as autocast runs GroupNorm; the input is read in its own dtype (no float32 copy). Backward is
-PyTorch's own (`native_group_norm_backward`) from the saved mean and 1/std. Elsewhere (CPU tensors, no Triton,
-inside torch.compile) it is `F.group_norm`. Runs on CPU tensors under TRITON_INTERPRET=1 (how the tests check it).
+The numbers are those of `F.group_norm` up to float32 summation order. Under autocast with frozen weights (a
+training step) the output keeps the input's dtype, every group size takes the split kernels, and backward is two
+more kernels for the input's gradient alone (norm_precision.py says why); under autocast otherwise the statistics
+and output are float32, as autocast runs GroupNorm. The input is read in its own dtype (no float32 copy). Where a
+weight or bias needs its gradient, backward is PyTorch's own (`native_group_norm_backward`) from the saved mean
+and 1/std. Elsewhere (CPU tensors, no Triton, inside torch.compile) it is `F.group_norm`. Runs on CPU tensors under
+TRITON_INTERPRET=1 (how the tests check it).
 """
 
 import contextlib
@@ -19,6 +22,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+from .norm_precision import keeps_activation_dtype
 
 try:
     import triton
@@ -38,9 +43,10 @@ MAX_CHUNKS = 65535  # the grid's second axis: about 1.07e9 elements per (sample,
 
 def group_norm(x: torch.Tensor, groups: int, weight=None, bias=None, eps: float = 1e-5) -> torch.Tensor:
     """F.group_norm(x, groups, weight, bias, eps), its statistics split over many programs where that runs."""
-    if not runs_fused(x, groups):
+    keep = keeps_activation_dtype(x, weight, bias)
+    if not runs_fused(x, groups, any_rows=keep):
         return F.group_norm(x, groups, weight, bias, eps)
-    out_dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
+    out_dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) and not keep else x.dtype
     return _GroupNorm.apply(x, weight, bias, groups, float(eps), out_dtype)
 
 
@@ -56,13 +62,16 @@ class GroupNormForward:
         return group_norm(input, m.num_groups, m.weight, m.bias, m.eps)
 
 
-def runs_fused(x: torch.Tensor, groups: int) -> bool:
+def runs_fused(x: torch.Tensor, groups: int, any_rows: bool = False) -> bool:
+    """Whether the split kernels run: on CUDA (or interpreted), outside torch.compile, below SPLIT_BELOW_ROWS
+    (sample, group) rows unless `any_rows` (PyTorch's float32 output under autocast costs more than its kernel
+    saves)."""
     if triton is None or torch.compiler.is_compiling() or not (x.is_cuda or INTERPRETED):
         return False
     if not (x.dim() >= 2 and x.is_floating_point() and x.shape[1] % groups == 0 and x.numel() > 0):
         return False
     group_size = x.numel() // (x.shape[0] * groups)
-    return x.shape[0] * groups < SPLIT_BELOW_ROWS and -(-group_size // CHUNK) <= MAX_CHUNKS
+    return (any_rows or x.shape[0] * groups < SPLIT_BELOW_ROWS) and -(-group_size // CHUNK) <= MAX_CHUNKS
 
 
 class _GroupNorm(torch.autograd.Function):
@@ -88,6 +97,8 @@ class _GroupNorm(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, mean, rstd = ctx.saved_tensors
         samples, channels, spatial, groups = ctx.shape
+        if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+            return input_gradient(grad, x, weight, mean, rstd, ctx.shape), None, None, None, None, None
         dtype = grad.dtype  # PyTorch's backward takes one dtype: autocast's float32 output, or x's own
         mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
         dx, dw, db = torch.ops.aten.native_group_norm_backward(
@@ -96,6 +107,26 @@ class _GroupNorm(torch.autograd.Function):
         param_dtype = weight.dtype if weight is not None else x.dtype
         return (dx.to(x.dtype) if dx is not None else None, dw.to(param_dtype) if dw is not None else None,
                 db.to(param_dtype) if db is not None else None, None, None, None)
+
+
+def input_gradient(grad, x, weight, mean, rstd, shape):
+    """dL/dx alone (frozen weight and bias), in x's dtype: rstd * (g - mean(g) - x_hat * mean(g * x_hat)) per group,
+    g = weight * grad; the two group means reduced by many programs per group, as the statistics are."""
+    samples, channels, spatial, groups = shape
+    grad = grad.contiguous()
+    group_size = channels // groups * spatial
+    chunks = triton.cdiv(group_size, CHUNK)
+    partial = torch.empty(samples * groups, chunks, 2, dtype=torch.float32, device=x.device)
+    dx = torch.empty_like(x)
+    args = (x, grad, weight if weight is not None else x, mean, rstd)
+    sizes = (group_size, spatial, channels // groups, groups, chunks)
+    with _on(x):
+        _grad_partial_kernel[(samples * groups, chunks)](*args, partial, *sizes, HAS_WEIGHT=weight is not None,
+                                                         CHUNK=CHUNK, BLOCK=BLOCK)
+        _grad_input_kernel[(samples * groups, chunks)](*args, partial, dx, *sizes, HAS_WEIGHT=weight is not None,
+                                                       CHUNK=CHUNK, BLOCK=BLOCK,
+                                                       CHUNKS=triton.next_power_of_2(chunks))
+    return dx
 
 
 def statistics(x: torch.Tensor, groups: int, eps: float):
@@ -177,3 +208,55 @@ if triton is not None:
             if HAS_BIAS:
                 y = y + tl.load(b_ptr + channel, mask=inside, other=0.0).to(tl.float32)
             tl.store(out_ptr + base + offsets, y.to(out_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _scaled_grad(x_ptr, dy_ptr, w_ptr, base, offsets, inside, first_channel, spatial, mean, rstd,
+                     HAS_WEIGHT: tl.constexpr):
+        """(weight * dy, x_hat) of one tile, zero outside the group."""
+        x_hat = (tl.load(x_ptr + base + offsets, mask=inside, other=0.0).to(tl.float32) - mean) * rstd
+        g = tl.load(dy_ptr + base + offsets, mask=inside, other=0.0).to(tl.float32)
+        if HAS_WEIGHT:
+            g = g * tl.load(w_ptr + first_channel + offsets // spatial, mask=inside, other=0.0).to(tl.float32)
+        return g, x_hat
+
+    @triton.jit
+    def _grad_partial_kernel(x_ptr, dy_ptr, w_ptr, mean_ptr, rstd_ptr, partial_ptr, group_size, spatial, per_group,
+                             groups, chunks, HAS_WEIGHT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        """One chunk of one group: the sums of g and of g * x_hat."""
+        row, chunk = tl.program_id(0), tl.program_id(1)
+        mean = tl.load(mean_ptr + row)
+        rstd = tl.load(rstd_ptr + row)
+        first_channel = (row % groups) * per_group
+        base = row.to(tl.int64) * group_size
+        sum_g = tl.zeros([BLOCK], dtype=tl.float32)
+        sum_gx = tl.zeros([BLOCK], dtype=tl.float32)
+        for tile in range(0, tl.minimum(CHUNK, group_size - chunk * CHUNK), BLOCK):
+            offsets = chunk * CHUNK + tile + tl.arange(0, BLOCK)
+            g, x_hat = _scaled_grad(x_ptr, dy_ptr, w_ptr, base, offsets, offsets < group_size, first_channel,
+                                    spatial, mean, rstd, HAS_WEIGHT)
+            sum_g += g
+            sum_gx += g * x_hat
+        out = partial_ptr + (row.to(tl.int64) * chunks + chunk) * 2
+        tl.store(out, tl.sum(sum_g, axis=0))
+        tl.store(out + 1, tl.sum(sum_gx, axis=0))
+
+    @triton.jit
+    def _grad_input_kernel(x_ptr, dy_ptr, w_ptr, mean_ptr, rstd_ptr, partial_ptr, dx_ptr, group_size, spatial,
+                           per_group, groups, chunks, HAS_WEIGHT: tl.constexpr, CHUNK: tl.constexpr,
+                           BLOCK: tl.constexpr, CHUNKS: tl.constexpr):
+        row, chunk = tl.program_id(0), tl.program_id(1)
+        mean = tl.load(mean_ptr + row)
+        rstd = tl.load(rstd_ptr + row)
+        index = tl.arange(0, CHUNKS)
+        sums = partial_ptr + row.to(tl.int64) * chunks * 2 + index * 2
+        mean_g = tl.sum(tl.load(sums, mask=index < chunks, other=0.0), axis=0) / group_size
+        mean_gx = tl.sum(tl.load(sums + 1, mask=index < chunks, other=0.0), axis=0) / group_size
+        first_channel = (row % groups) * per_group
+        base = row.to(tl.int64) * group_size
+        for tile in range(0, tl.minimum(CHUNK, group_size - chunk * CHUNK), BLOCK):
+            offsets = chunk * CHUNK + tile + tl.arange(0, BLOCK)
+            inside = offsets < group_size
+            g, x_hat = _scaled_grad(x_ptr, dy_ptr, w_ptr, base, offsets, inside, first_channel, spatial, mean,
+                                    rstd, HAS_WEIGHT)
+            dx = rstd * (g - mean_g - x_hat * mean_gx)
+            tl.store(dx_ptr + base + offsets, dx.to(dx_ptr.dtype.element_ty), mask=inside)

@@ -8,7 +8,9 @@ import torch
 
 from i2vedit_core.backends import diffusers_fast_layers
 from i2vedit_core.backends.base import Conditioning
+from i2vedit_core.geglu import GegluForward
 from i2vedit_core.group_norm import GroupNormForward
+from i2vedit_core.layer_norm import LayerNormForward
 from i2vedit_core.lora import LoraSpec
 from i2vedit_core.tiny import tiny_backend
 
@@ -61,21 +63,24 @@ def test_attn2_runs_no_attention_kernel(backend, monkeypatch):
     assert len(shortcut_calls) == attn2 and not inner_calls
 
 
-def test_a_checkpointed_recomputation_runs_the_calls_group_norms(backend, monkeypatch):
-    """Backward runs after the call took the fast layers off: the recomputation sets them again."""
+def test_a_checkpointed_recomputation_runs_the_calls_fast_layers(backend, monkeypatch):
+    """Backward runs after the call took the fast layers off: the recomputation sets them again (GroupNorm,
+    LayerNorm and GEGLU forwards)."""
     x, cond = inputs()
     cond = Conditioning(torch.randn(1, 1, backend.unet.config.cross_attention_dim), cond.image_latents, cond.time_ids)
-    calls = []
-    real = GroupNormForward.__call__
-    monkeypatch.setattr(GroupNormForward, "__call__", lambda self, x: calls.append(torch.is_grad_enabled()) or
-                        real(self, x))
+    calls = {kind: [] for kind in (GroupNormForward, LayerNormForward, GegluForward)}
+    for kind, record in calls.items():
+        real = kind.__call__
+        monkeypatch.setattr(kind, "__call__", lambda self, x, *a, _real=real, _record=record, **k:
+                            _record.append(torch.is_grad_enabled()) or _real(self, x, *a, **k))
     backend.attach_lora(LoraSpec(rank=2), torch.Generator().manual_seed(0))
     try:
         with backend.lora_training(True):
             out = backend.denoise(x, 1.0, cond)
-            during_call = len(calls)
+            during_call = {kind: len(record) for kind, record in calls.items()}
             out.square().mean().backward()
-        assert during_call > 0 and len(calls) > during_call  # recomputed in backward with the same forwards
+        for kind, record in calls.items():  # recomputed in backward with the same forwards
+            assert during_call[kind] > 0 and len(record) > during_call[kind], kind.__name__
     finally:
         backend.detach_lora()
 

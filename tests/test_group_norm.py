@@ -32,6 +32,28 @@ ref = F.group_norm(xr, 4, w.double(), None, 1e-6)
 (gr,) = torch.autograd.grad((ref * g.double()).sum(), xr)
 res["autocast"] = [float((ours.detach().double() - ref.detach()).abs().max()), str(ours.dtype),
                    float((gx.double() - gr).abs().max() / gr.abs().max()), str(gx.dtype)]
+w.requires_grad_()  # a weight that trains: autocast's float32 output and PyTorch's backward
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    ours = gn.group_norm(x, 4, w, None, 1e-6)
+gx, gw = torch.autograd.grad((ours * g).sum(), (x, w))
+res["autocast_trained_weight"] = [float((ours.detach().double() - ref.detach()).abs().max()), str(ours.dtype),
+                                  float((gx.double() - gr).abs().max() / gr.abs().max())]
+# A training step's GroupNorm: frozen fp16 weights (ComfyUI's), bf16 activations, 14 frames x 32 groups (not split
+# outside autocast), then one group of three chunks: the input's gradient by the pack's kernels.
+for name, shape, groups in (("frames", (14, 64, 3, 5), 32), ("chunks", (1, 4, 2, 100, 100), 2)):
+    x = (torch.randn(shape, generator=gen) * 2 + 3).to(torch.bfloat16).requires_grad_()
+    w, b = (torch.randn(shape[1], generator=gen).half() for _ in range(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = gn.group_norm(x, groups, w, b, 1e-5)
+    # a gradient with a mean and a part along x: the group means in backward are then of the order of g itself
+    g = (1 + 0.25 * (x.detach().float() - 3) + 0.1 * torch.randn(shape, generator=gen)).to(torch.bfloat16)
+    (gx,) = torch.autograd.grad(ours, x, g)
+    xr = x.detach().double().requires_grad_()
+    ref = F.group_norm(xr, groups, w.double(), b.double(), 1e-5)
+    (gr,) = torch.autograd.grad(ref, xr, g.double())
+    res["frozen_" + name] = ["_GroupNorm" in type(ours.grad_fn).__name__, str(ours.dtype), str(gx.dtype),
+                             float(((ours.detach().double() - ref.detach()).abs() / (ref.detach().abs() + 1e-2)).max()),
+                             float((gx.double() - gr).abs().max() / gr.abs().max())]
 x = torch.randn(2, 8, 5, 5, generator=gen, requires_grad=True)
 w, b = (torch.randn(8, generator=gen, requires_grad=True) for _ in range(2))
 g = torch.randn(2, 8, 5, 5, generator=gen)
@@ -52,8 +74,18 @@ def test_split_statistics_equal_group_norm_under_the_interpreter():
     fused, diff, dtype = res["half"]
     assert fused and dtype == "torch.float16" and diff < 4e-3  # fp16 rounding of outputs up to about 4
     diff, dtype, grad_diff, grad_dtype = res["autocast"]
-    # CUDA autocast's GroupNorm: float32 statistics and output; the input's gradient in its own dtype
-    assert dtype == "torch.float32" and diff < 1e-5 and grad_dtype == "torch.bfloat16" and grad_diff < 1e-2
+    # frozen weight under autocast: the output in the input's dtype (norm_precision), one bf16 rounding of outputs
+    # up to about 4; the input's gradient in its own dtype
+    assert dtype == "torch.bfloat16" and diff < 2e-2 and grad_dtype == "torch.bfloat16" and grad_diff < 1e-2
+    diff, dtype, grad_diff = res["autocast_trained_weight"]
+    # CUDA autocast's GroupNorm where the weight trains: float32 statistics and output
+    assert dtype == "torch.float32" and diff < 1e-5 and grad_diff < 1e-2
+    for name in ("frozen_frames", "frozen_chunks"):
+        fused, dtype, grad_dtype, rel, grad_diff = res[name]
+        # within one bf16 ulp (relative 2**-7) of the exact output: Triton's interpreter converts to bf16 by
+        # truncation (a GPU rounds, half an ulp); the gradient within bf16 rounding
+        assert fused and dtype == grad_dtype == "torch.bfloat16" and rel < 2 ** -7 + 1e-3 and grad_diff < 1e-2, \
+            (name, res[name])
     assert max(res["grads"]) < 1e-5
     # a video as one sample (32 rows), not 14 frames (448 rows), nor a group of more chunks than a grid axis holds
     assert res["split_where"] == [True, False, False]

@@ -21,7 +21,8 @@ from typing import Dict
 
 import torch
 
-from . import comfy_attention, comfy_cross_attention, comfy_group_norm, comfy_lora, comfy_training
+from . import (comfy_attention, comfy_cross_attention, comfy_group_norm, comfy_lora, comfy_training,
+               comfy_training_layers)
 
 FORWARDS: "weakref.WeakKeyDictionary[torch.nn.Module, SharedForwards]" = weakref.WeakKeyDictionary()
 
@@ -36,9 +37,11 @@ class SharedForwards:
         self.lora = comfy_lora.forwards(self.linears, lora)
         self.layers = comfy_training.checkpointed_forwards(diffusion_model, switch, self.linears.values())
         self.patches: Dict[str, object] = {**comfy_attention.forwards(self.attn1), **self.lora, **self.layers}
-        # Faster layers with the same numbers: kept off a forward another pack already object-patched.
+        # Faster layers, with the same numbers in an edit (in training: norm_precision.py, geglu.py): kept off a
+        # forward another pack already object-patched.
         self.optional: Dict[str, object] = {**comfy_cross_attention.forwards(diffusion_model),
-                                            **comfy_group_norm.forwards(diffusion_model)}
+                                            **comfy_group_norm.forwards(diffusion_model),
+                                            **comfy_training_layers.forwards(diffusion_model)}
         self.bound = switch
 
     def install(self, patcher) -> None:

@@ -18,10 +18,15 @@ class SplitStatisticsGroupNorm(GroupNormForward):
 
     def __call__(self, input):
         m = self.module
-        if getattr(m, "comfy_cast_weights", False) or getattr(m, "weight_function", None) \
-                or getattr(m, "bias_function", None):
+        if casts_per_call(m):
             return type(m).forward(m, input)
         return group_norm.group_norm(input, m.num_groups, m.weight, m.bias, m.eps)
+
+
+def casts_per_call(module: torch.nn.Module) -> bool:
+    """Whether ComfyUI casts or patches the module's weights at each call (its own forward must run then)."""
+    return bool(getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None)
+                or getattr(module, "bias_function", None))
 
 
 def forwards(diffusion_model: torch.nn.Module) -> Dict[str, SplitStatisticsGroupNorm]:

@@ -9,6 +9,7 @@ import torch
 from ..branch_dropout import CallSeeds, DropoutSeed
 from ..memory import checkpointed_layers
 from ..recompute import recompute
+from .diffusers_fast_layers import fast_layer_kinds
 
 
 @contextmanager
@@ -49,8 +50,8 @@ def _checkpoint_heavy_layers(unet, gradient_checkpointing, seeds: CallSeeds) -> 
 
 
 def _checkpointed(module, forward, seeds: CallSeeds):
-    """forward under activation checkpointing, recomputed with the attention processors, the GroupNorm forwards and
-    the LoRA dropout seed it ran with.
+    """forward under activation checkpointing, recomputed with the attention processors, the GroupNorm, LayerNorm
+    and GEGLU forwards and the LoRA dropout seed it ran with.
 
     Processors are swapped per call by `use_attention` (attention control, skip-interval) and the fast layers
     (diffusers_fast_layers); backward runs after the call has restored the defaults, so the recompute reinstalls
@@ -58,7 +59,7 @@ def _checkpointed(module, forward, seeds: CallSeeds):
     state (a captured step cannot).
     """
     attentions = [m for m in module.modules() if hasattr(m, "set_processor") and hasattr(m, "processor")]
-    norms = [m for m in module.modules() if isinstance(m, torch.nn.GroupNorm)]
+    norms = [m for m in module.modules() if isinstance(m, fast_layer_kinds())]
     holds_lora = any(name.startswith("temporal_transformer_blocks.") for name, _ in module.named_modules())  # LoRA sites
 
     def call(*args, **kwargs):

@@ -4,6 +4,8 @@
   says why, and the decision about the to_q/to_k adapters): a processor that returns to_out(v) without q, k or a
   kernel, or runs the module's own processor for any other call.
 - Every GroupNorm through the split-statistics GroupNorm (group_norm.py).
+- In a training step only, every LayerNorm in the activations' dtype (layer_norm.py, norm_precision.py) and every
+  GEGLU as one kernel (geglu.py); an edit's forwards run them as PyTorch does.
 The objects are made once per UNet (`FastLayers`) and set and taken off around each call, as `use_attention`
 does for attn1: between calls the user's UNet is as it was, and a compiled UNet sees the same forwards each call.
 """
@@ -13,7 +15,9 @@ from typing import Iterator
 
 import torch
 
+from ..geglu import GegluForward
 from ..group_norm import GroupNormForward
+from ..layer_norm import LayerNormForward
 
 ATTN2_SUFFIX = ".attn2"
 
@@ -46,15 +50,14 @@ def one_key(attn, hidden_states, context, mask) -> bool:
 
 
 class FastLayers:
-    """The attn2 processors and GroupNorm forwards of one UNet, made once. Only layers running diffusers' own
-    softmax attention processor or torch's GroupNorm forward are replaced: another processor (an IP-Adapter's), a
-    GroupNorm subclass or a forward someone set on the module (an offloading hook) is left as it is."""
+    """The attn2 processors and GroupNorm, LayerNorm and GEGLU forwards of one UNet, made once. Only layers running
+    diffusers' own softmax attention processor or their class's own forward are replaced: another processor (an
+    IP-Adapter's), a subclass or a forward someone set on the module (an offloading hook) is left as it is."""
 
     def __init__(self, unet: torch.nn.Module):
         self.attn2 = [(m, OneKeyAttnProcessor(m.processor)) for path, m in unet.named_modules()
                       if path.endswith(ATTN2_SUFFIX)]
-        self.norms = [(m, GroupNormForward(m)) for m in unet.modules()
-                      if isinstance(m, torch.nn.GroupNorm) and type(m).forward is torch.nn.GroupNorm.forward]
+        self.norms = [(m, forward(m)) for m in unet.modules() for forward in [plain_forward(m)] if forward]
         self.plain = plain_processors()
 
     @contextmanager
@@ -73,6 +76,22 @@ class FastLayers:
                 module.__dict__.pop("forward", None)
             for m, original, _ in attn2:
                 m.processor = original
+
+
+def plain_forward(module: torch.nn.Module):
+    """The pack's forward class for a GroupNorm, LayerNorm or diffusers GEGLU running its class's own forward; None
+    for any other module or a subclass with a forward of its own."""
+    for kind, forward in zip(fast_layer_kinds(), (GroupNormForward, LayerNormForward, GegluForward)):
+        if isinstance(module, kind) and type(module).forward is kind.forward:
+            return forward
+    return None
+
+
+def fast_layer_kinds() -> tuple:
+    """The module classes whose forward FastLayers sets (a checkpointed recomputation sets the call's again)."""
+    from diffusers.models.activations import GEGLU
+
+    return torch.nn.GroupNorm, torch.nn.LayerNorm, GEGLU
 
 
 def plain_processors() -> tuple:

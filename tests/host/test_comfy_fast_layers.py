@@ -1,11 +1,13 @@
 """The ComfyUI backend's faster layers: SVD's one-key cross-attention (attn2) without an attention kernel (ComfyUI's
-output and gradients, exactly) and the split-statistics GroupNorm (ComfyUI's own forward where it casts weights)."""
+output and gradients, exactly), the split-statistics GroupNorm, and the training step's LayerNorm and GEGLU
+(ComfyUI's own forward where it casts weights; an edit's forward is ComfyUI's bit for bit)."""
 
 import pytest
 import torch
 
 from i2vedit_core.backends import comfy_cross_attention as cross
-from i2vedit_core.backends import comfy_group_norm
+from i2vedit_core.backends import comfy_group_norm, comfy_training_layers
+from i2vedit_core.geglu import GegluForward
 
 
 def attn2_modules(comfy_parts):
@@ -108,6 +110,11 @@ def test_the_backends_unet_equals_the_plain_model(comfy_parts, comfy_backend):
     assert all(isinstance(m.forward, cross.OneKeyCrossAttention) for m in attn2_modules(comfy_parts).values())
     norms = [m for m in base.diffusion_model.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert len(norms) > 0 and all(isinstance(m.forward, comfy_group_norm.SplitStatisticsGroupNorm) for m in norms)
+    layer_norms = [m for m in base.diffusion_model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(layer_norms) > 0 and all(isinstance(m.forward, comfy_training_layers.ComfyLayerNorm)
+                                        for m in layer_norms)
+    geglus = [m for m in base.diffusion_model.modules() if type(m).__name__ == "GEGLU"]
+    assert len(geglus) > 0 and all(isinstance(m.forward, GegluForward) for m in geglus)
     with torch.no_grad():
         ours = comfy_backend.patcher.model.apply_model(x, sigma, **c)
     assert torch.equal(ours, plain)
@@ -125,6 +132,23 @@ def test_group_norm_runs_comfyuis_forward_where_comfyui_casts_the_weights(comfy_
     x = torch.randn(2, module.num_channels, 4, 4)
     torch.testing.assert_close(forward(x), type(module).forward(module, x), rtol=0, atol=0)
     assert len(calls) == 1 and calls[0][1:] == (module.num_groups, module.weight, module.bias, module.eps)
+    monkeypatch.setattr(module, "comfy_cast_weights", True)  # partly offloaded: ComfyUI casts at each call
+    torch.testing.assert_close(forward(x), type(module).forward(module, x), rtol=0, atol=0)
+    assert len(calls) == 1
+
+
+def test_layer_norm_runs_comfyuis_forward_where_comfyui_casts_the_weights(comfy_parts, monkeypatch):
+    from i2vedit_core import layer_norm
+
+    module = next(m for m in comfy_parts["model"].model.diffusion_model.modules()
+                  if isinstance(m, torch.nn.LayerNorm) and hasattr(m, "comfy_cast_weights"))
+    forward = comfy_training_layers.ComfyLayerNorm(module)
+    calls = []
+    real = layer_norm.layer_norm
+    monkeypatch.setattr(layer_norm, "layer_norm", lambda *a: calls.append(a) or real(*a))
+    x = torch.randn(2, 5, module.normalized_shape[0])
+    torch.testing.assert_close(forward(x), type(module).forward(module, x), rtol=0, atol=0)
+    assert len(calls) == 1 and calls[0][1:] == (module.normalized_shape, module.weight, module.bias, module.eps)
     monkeypatch.setattr(module, "comfy_cast_weights", True)  # partly offloaded: ComfyUI casts at each call
     torch.testing.assert_close(forward(x), type(module).forward(module, x), rtol=0, atol=0)
     assert len(calls) == 1
