@@ -20,6 +20,7 @@ that budget. `--out DIR` also writes each table and a JSON record there.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -273,6 +274,16 @@ def bench_backend(name, modules, args, size, out):
         emit(out, "\n" + table(f"{label} (the lever off; otherwise as {name}-default)", rows, mems, eager_floor,
                                own_floor, train_scale))
         compare_latents(records, label, latents, f"{name}-default", out)
+    if args.layers_ab:
+        with training_layers_off():
+            settings = memory_settings(None, training=training, inversion=inversion, working_size=hw,
+                                       clip_length=frames)
+            rows, mems, latents = run_video(backend, frames, hw, settings, train_steps)
+        label = f"{name}-default-training-layers-off"
+        emit(out, "\n" + table(f"{label} (LayerNorm/GroupNorm under autocast in float32, GEGLU as PyTorch's ops, as "
+                               f"before run 11; otherwise as {name}-default)", rows, mems, eager_floor, own_floor,
+                               train_scale))
+        compare_latents(records, label, latents, f"{name}-default", out)
     if args.graph_ab:
         eager_training = dataclasses.replace(training, cuda_graph=False)
         settings = memory_settings(None, training=eager_training, inversion=inversion, working_size=hw,
@@ -288,6 +299,20 @@ def bench_backend(name, modules, args, size, out):
     if name == "comfy":
         backend.release()
     return records, backend
+
+
+@contextlib.contextmanager
+def training_layers_off():
+    """The training step's norms in autocast's float32 and GEGLU as PyTorch's ops (norm_precision.py, geglu.py)."""
+    from i2vedit_core import geglu, group_norm, layer_norm
+
+    saved = (group_norm.keeps_activation_dtype, layer_norm.keeps_activation_dtype, geglu.runs_fused)
+    group_norm.keeps_activation_dtype = layer_norm.keeps_activation_dtype = lambda *a: False
+    geglu.runs_fused = lambda p: False
+    try:
+        yield
+    finally:
+        group_norm.keeps_activation_dtype, layer_norm.keeps_activation_dtype, geglu.runs_fused = saved
 
 
 def again_text(name):
@@ -332,6 +357,8 @@ def main(argv=None):
     parser.add_argument("--lever-ab", action="store_true", help="comfy: also run with the LoRA branch upcast to fp32")
     parser.add_argument("--graph-ab", action="store_true",
                         help="also run the default setting with the training step eager (no CUDA graph)")
+    parser.add_argument("--layers-ab", action="store_true",
+                        help="also run with the training step's LayerNorm/GroupNorm/GEGLU as before run 11")
     parser.add_argument("--again", action="store_true",
                         help="run each setting twice in one process: the second edit is what the next edit costs "
                              "with the UNet already compiled. comfy: through a new backend on the same MODEL, as "
