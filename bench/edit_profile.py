@@ -72,6 +72,37 @@ def floor_run(model, size, steps):
     return run
 
 
+def sync_sites(run, frames=4):
+    """{(the Python lines that led to it): count} of every synchronising CUDA call in one run of `run`
+    (torch.cuda.set_sync_debug_mode): each one makes the host wait for the GPU's whole queue, after which the GPU
+    waits for the host."""
+    import traceback
+    import warnings
+    from collections import Counter
+
+    sites = Counter()
+    if not torch.cuda.is_available():
+        return sites
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        stack = [f"{f.filename.split('/')[-1]}:{f.lineno}" for f in traceback.extract_stack()[:-2]
+                 if "/torch/" not in f.filename and "warnings" not in f.filename]
+        sites[" <- ".join(reversed(stack[-frames:]))] += 1
+
+    shown = warnings.showwarning
+    warnings.showwarning = record
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = shown
+    return sites
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--comfyui", required=True)
@@ -84,7 +115,10 @@ def main(argv=None):
     emit = Report()
     parts = builders.comfy_profile_parts(args.comfyui, args.tiny, size["frames"])
     backend = builders.comfy_backend(parts)
-    pack = profiled(edit_run(backend, size, args.steps))
+    run = edit_run(backend, size, args.steps)
+    run()  # warm-up: what the first call compiles or loads is not a per-step sync
+    syncs = sync_sites(run)
+    pack = profiled(run)
     backend.release()
     floor = profiled(floor_run(parts["model"], size, args.steps))
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
@@ -97,6 +131,10 @@ def main(argv=None):
     kernel_differences(emit, "pack", pack[2], floor[2], args.top)
     emit("\nHost: CPU operators by self time (the host's share of a GPU-idle step)")
     kernel_differences(emit, "pack", pack[3], floor[3], args.top)
+    emit(f"\nSynchronising CUDA calls in one edit of {args.steps} steps (torch.cuda.set_sync_debug_mode), by the "
+         "Python lines that led to them (innermost first)\n\n| calls | where |\n|---|---|")
+    for where, count in syncs.most_common(args.top):
+        emit(f"| {count} | {where} |")
     emit.write(args.out, "edit_profile.md")
 
 

@@ -129,7 +129,10 @@ def edit_clip(backend: SVDBackend, inversion: Inversion, edit_cond: Conditioning
     controller = AttentionController(settings.matching, steps, skip_interval=clip0 is not None)
     cfg_cond = Conditioning.cat(edit_cond.zeros_like(), noised_conditioning(edit_cond, settings))
     frames = edit_cond.image_latents.shape[1]
+    # Computed on the CPU as always, moved once: a copy from pageable memory at every step made the host wait for
+    # the GPU's whole queue (the source forward) before it could queue the CFG pair.
     guidance = torch.linspace(settings.min_guidance, settings.max_guidance, frames).view(1, frames, 1, 1, 1)
+    guidance = guidance.to(inversion.noise.device)
     trajectory = []
 
     keep = None if mask is None else mask.to(inversion.latents).view(1, 1, 1, *mask.shape[-2:])
