@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import builders  # noqa: E402
 import floors as eager  # noqa: E402
 from i2vedit_core.backends.base import Conditioning  # noqa: E402
+from i2vedit_core import memory  # noqa: E402
 from i2vedit_core.inversion import InversionSettings  # noqa: E402
 from i2vedit_core.lora import LoraSpec  # noqa: E402
 from i2vedit_core.pipeline import (PipelineSettings, check_edited_frames, invert_video, prepare_video,  # noqa: E402
@@ -367,7 +368,14 @@ def main(argv=None):
     parser.add_argument("--scale", action="store_true", help="comfy: 2-clip video, 25 frames, 768x1344 (scale.py)")
     parser.add_argument("--no-two-clips", action="store_true", help="--scale: only the peak-memory runs")
     parser.add_argument("--scale-train-steps", type=int, default=5, help="training steps per clip in the 2-clip run")
+    parser.add_argument("--tier-layers", nargs=2, metavar=("TIER", "LAYERS"), default=None,
+                        help="try another recomputed layer set for a tier (memory.parse_layers text, e.g. 24gb "
+                             "0,1t,2t) before it goes in memory.PLANS")
     args = parser.parse_args(argv)
+    if args.tier_layers:
+        tier, layers = args.tier_layers
+        memory.PLANS = tuple((dataclasses.replace(plan, checkpointing=memory.parse_layers(layers))
+                              if plan.tier == tier else plan, gib) for plan, gib in memory.PLANS)
     size = TINY if args.tiny else FULL
     args.train_steps = args.train_steps or size["train_steps"]
     if not args.tiny and not torch.cuda.is_available():
