@@ -53,16 +53,6 @@ indicator = torch.tensor([[0.0, 1.0, 0.0]])
 a = Blender().get_alpha(indicator, "cpu")
 ref = a.to(torch.float16) * x_s + (1.0 - a).to(torch.float16) * x_t
 res["module"] = bool(torch.equal(TimeMixerForward(Blender())(x_s, x_t, indicator), ref))
-from diffusers.models.resnet import AlphaBlender
-from i2vedit_core.backends.diffusers_fast_layers import TimeMixerForward as DiffusersTimeMixer
-for switch in (False, True):
-    module = AlphaBlender(0.3, "learned_with_images", switch_spatial_to_temporal_mix=switch).half()
-    module.requires_grad_(False)
-    for layout in ("resblock", "transformer"):
-        alpha, x_s, x_t = branches(layout, torch.float16)
-        ours = DiffusersTimeMixer(module)(x_s, x_t, indicator)
-        res[f"diffusers_{switch}_{layout}"] = ["_Blend" in type(ours.grad_fn).__name__,
-                                               bool(torch.equal(ours, module(x_s, x_t, indicator)))]
 print(json.dumps(res))
 '''
 
@@ -73,8 +63,6 @@ def test_blend_is_pytorchs_bit_for_bit_under_the_interpreter():
     assert len(cases) == 8 and all(v == [True, True, True, True] for v in cases.values()), cases
     assert res["trained_alpha"] is False and res["unmerged"] is False
     assert res["module"]
-    diffusers_cases = {k: v for k, v in res.items() if k.startswith("diffusers_")}
-    assert len(diffusers_cases) == 4 and all(v == [True, True] for v in diffusers_cases.values()), diffusers_cases
 
 
 def test_off_the_gpu_it_is_pytorchs_ops():

@@ -35,8 +35,7 @@ def test_a_call_equals_the_unets_own_layers_and_leaves_the_unet_as_it_was(backen
     processors = {p: m.processor for p, m in backend.unet.named_modules() if hasattr(m, "set_processor")}
     fast = backend.denoise(x, 1.0, cond)
     assert {p: m.processor for p, m in backend.unet.named_modules() if hasattr(m, "set_processor")} == processors
-    kinds = diffusers_fast_layers.fast_layer_kinds()
-    assert not any("forward" in m.__dict__ for m in backend.unet.modules() if isinstance(m, kinds))
+    assert not any("forward" in m.__dict__ for m in backend.unet.modules() if isinstance(m, torch.nn.GroupNorm))
     monkeypatch.setattr(backend.fast_layers, "installed", contextlib.nullcontext)
     torch.testing.assert_close(fast, backend.denoise(x, 1.0, cond), rtol=0, atol=1e-6)
 
@@ -66,15 +65,14 @@ def test_attn2_runs_no_attention_kernel(backend, monkeypatch):
 
 def test_a_checkpointed_recomputation_runs_the_calls_fast_layers(backend, monkeypatch):
     """Backward runs after the call took the fast layers off: the recomputation sets them again (GroupNorm,
-    LayerNorm, GEGLU and time-mixer forwards)."""
+    LayerNorm and GEGLU forwards)."""
     x, cond = inputs()
     cond = Conditioning(torch.randn(1, 1, backend.unet.config.cross_attention_dim), cond.image_latents, cond.time_ids)
-    calls = {kind: [] for kind in (GroupNormForward, LayerNormForward, GegluForward,
-                                   diffusers_fast_layers.TimeMixerForward)}
+    calls = {kind: [] for kind in (GroupNormForward, LayerNormForward, GegluForward)}
     for kind, record in calls.items():
         real = kind.__call__
-        monkeypatch.setattr(kind, "__call__", lambda self, *a, _real=real, _record=record, **k:
-                            _record.append(torch.is_grad_enabled()) or _real(self, *a, **k))
+        monkeypatch.setattr(kind, "__call__", lambda self, x, *a, _real=real, _record=record, **k:
+                            _record.append(torch.is_grad_enabled()) or _real(self, x, *a, **k))
     backend.attach_lora(LoraSpec(rank=2), torch.Generator().manual_seed(0))
     try:
         with backend.lora_training(True):

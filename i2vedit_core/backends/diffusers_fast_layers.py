@@ -4,7 +4,6 @@
   says why, and the decision about the to_q/to_k adapters): a processor that returns to_out(v) without q, k or a
   kernel, or runs the module's own processor for any other call.
 - Every GroupNorm through the split-statistics GroupNorm (group_norm.py).
-- Every AlphaBlender (SVD's time mixer) through the one-kernel blend (blend.py), bit for bit diffusers' numbers.
 - In a training step only, every LayerNorm in the activations' dtype (layer_norm.py, norm_precision.py) and every
   GEGLU as one kernel (geglu.py); an edit's forwards run them as PyTorch does.
 The objects are made once per UNet (`FastLayers`) and set and taken off around each call, as `use_attention`
@@ -16,7 +15,6 @@ from typing import Iterator
 
 import torch
 
-from ..blend import blend
 from ..geglu import GegluForward
 from ..group_norm import GroupNormForward
 from ..layer_norm import LayerNormForward
@@ -83,8 +81,7 @@ class FastLayers:
 def plain_forward(module: torch.nn.Module):
     """The pack's forward class for a GroupNorm, LayerNorm or diffusers GEGLU running its class's own forward; None
     for any other module or a subclass with a forward of its own."""
-    for kind, forward in zip(fast_layer_kinds(), (GroupNormForward, LayerNormForward, GegluForward,
-                                                  TimeMixerForward)):
+    for kind, forward in zip(fast_layer_kinds(), (GroupNormForward, LayerNormForward, GegluForward)):
         if isinstance(module, kind) and type(module).forward is kind.forward:
             return forward
     return None
@@ -93,24 +90,8 @@ def plain_forward(module: torch.nn.Module):
 def fast_layer_kinds() -> tuple:
     """The module classes whose forward FastLayers sets (a checkpointed recomputation sets the call's again)."""
     from diffusers.models.activations import GEGLU
-    from diffusers.models.resnet import AlphaBlender
 
-    return torch.nn.GroupNorm, torch.nn.LayerNorm, GEGLU, AlphaBlender
-
-
-class TimeMixerForward:
-    """Replacement `forward` of one diffusers AlphaBlender: its alpha, cast and complemented as diffusers does, then
-    `blend`."""
-
-    def __init__(self, module: torch.nn.Module):
-        self.module = module
-
-    def __call__(self, x_spatial, x_temporal, image_only_indicator=None):
-        m = self.module
-        alpha = m.get_alpha(image_only_indicator, x_spatial.ndim).to(x_spatial.dtype)
-        if m.switch_spatial_to_temporal_mix:
-            alpha = 1.0 - alpha
-        return blend(alpha, x_spatial, 1.0 - alpha, x_temporal)
+    return torch.nn.GroupNorm, torch.nn.LayerNorm, GEGLU
 
 
 def plain_processors() -> tuple:
