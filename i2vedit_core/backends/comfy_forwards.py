@@ -21,8 +21,8 @@ from typing import Dict
 
 import torch
 
-from . import (comfy_attention, comfy_cross_attention, comfy_group_norm, comfy_lora, comfy_time_mixer,
-               comfy_training, comfy_training_layers)
+from . import (comfy_attention, comfy_cross_attention, comfy_group_norm, comfy_lora, comfy_training,
+               comfy_training_layers)
 
 FORWARDS: "weakref.WeakKeyDictionary[torch.nn.Module, SharedForwards]" = weakref.WeakKeyDictionary()
 
@@ -41,8 +41,7 @@ class SharedForwards:
         # forward another pack already object-patched.
         self.optional: Dict[str, object] = {**comfy_cross_attention.forwards(diffusion_model),
                                             **comfy_group_norm.forwards(diffusion_model),
-                                            **comfy_training_layers.forwards(diffusion_model),
-                                            **comfy_time_mixer.forwards(diffusion_model)}
+                                            **comfy_training_layers.forwards(diffusion_model)}
         self.bound = switch
 
     def install(self, patcher) -> None:

@@ -7,7 +7,6 @@ import torch
 
 from i2vedit_core.backends import comfy_cross_attention as cross
 from i2vedit_core.backends import comfy_group_norm, comfy_training_layers
-from i2vedit_core.backends.comfy_time_mixer import TimeMixerForward
 from i2vedit_core.geglu import GegluForward
 
 
@@ -116,8 +115,6 @@ def test_the_backends_unet_equals_the_plain_model(comfy_parts, comfy_backend):
                                         for m in layer_norms)
     geglus = [m for m in base.diffusion_model.modules() if type(m).__name__ == "GEGLU"]
     assert len(geglus) > 0 and all(isinstance(m.forward, GegluForward) for m in geglus)
-    mixers = [m for m in base.diffusion_model.modules() if type(m).__name__ == "AlphaBlender"]
-    assert len(mixers) > 0 and all(isinstance(m.forward, TimeMixerForward) for m in mixers)
     with torch.no_grad():
         ours = comfy_backend.patcher.model.apply_model(x, sigma, **c)
     assert torch.equal(ours, plain)
