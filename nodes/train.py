@@ -32,10 +32,9 @@ def compile_input():
     return io.Boolean.Input("compile_training", default=False, optional=True,
                             tooltip="torch.compile the UNet for training (NVIDIA GPU with Triton). The first run "
                                     "compiles for about 6 minutes (about 2 after a ComfyUI restart, from the disk "
-                                    "cache); later runs in the same session, on the same model, frame count, size, "
-                                    "rank and memory setting, train about 30 % faster. Worth it when you edit "
-                                    "several videos in one session with memory 'fast'; with 24gb or 12gb it is "
-                                    "slower. Off: the memory setting decides (no compile).")
+                                    "cache). The default (uncompiled) training now runs as fast as compiled "
+                                    "training did when it was last measured, so this rarely pays; with 24gb or "
+                                    "12gb it is slower. Off: the memory setting decides (no compile).")
 
 
 def training_settings(training_steps, rank, learning_rate, random_seed, compile_training=False,
