@@ -11,9 +11,8 @@ between a large mean and a small variance), and a third normalises, one program 
 The numbers are those of `F.group_norm` up to float32 summation order. Under autocast with frozen weights (a
 training step) the output keeps the input's dtype, every group size takes the split kernels, and backward is two
 more kernels for the input's gradient alone (norm_precision.py says why); under autocast otherwise the statistics
-and output are float32, as autocast runs GroupNorm. The input is read in its own dtype (no float32 copy). Where a
-weight or bias needs its gradient, backward is PyTorch's own (`native_group_norm_backward`) from the saved mean
-and 1/std. Elsewhere (CPU tensors, no Triton, inside torch.compile) it is `F.group_norm`. Runs on CPU tensors under
+and output are float32, as autocast runs GroupNorm. The input is read in its own dtype (no float32 copy). Off the
+training step's path, backward is PyTorch's own (`native_group_norm_backward`) from the saved mean and 1/std. Elsewhere (CPU tensors, no Triton, inside torch.compile) it is `F.group_norm`. Runs on CPU tensors under
 TRITON_INTERPRET=1 (how the tests check it).
 """
 
@@ -47,7 +46,7 @@ def group_norm(x: torch.Tensor, groups: int, weight=None, bias=None, eps: float 
     if not runs_fused(x, groups, any_rows=keep):
         return F.group_norm(x, groups, weight, bias, eps)
     out_dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) and not keep else x.dtype
-    return _GroupNorm.apply(x, weight, bias, groups, float(eps), out_dtype)
+    return _GroupNorm.apply(x, weight, bias, groups, float(eps), out_dtype, keep)
 
 
 class GroupNormForward:
@@ -76,7 +75,7 @@ def runs_fused(x: torch.Tensor, groups: int, any_rows: bool = False) -> bool:
 
 class _GroupNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, groups, eps, out_dtype):
+    def forward(ctx, x, weight, bias, groups, eps, out_dtype, keep):
         x = x.contiguous()
         samples, channels = x.shape[:2]
         spatial = x.numel() // (samples * channels)
@@ -90,6 +89,7 @@ class _GroupNorm(torch.autograd.Function):
                                     HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, CHUNK=CHUNK, BLOCK=BLOCK)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.shape = (samples, channels, spatial, groups)
+        ctx.keep = keep  # the training step's path: the input gradient by the pack's kernels
         return out
 
     @staticmethod
@@ -97,8 +97,8 @@ class _GroupNorm(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, mean, rstd = ctx.saved_tensors
         samples, channels, spatial, groups = ctx.shape
-        if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
-            return input_gradient(grad, x, weight, mean, rstd, ctx.shape), None, None, None, None, None
+        if ctx.keep:  # frozen weight and bias: no gradient of theirs to compute
+            return input_gradient(grad, x, weight, mean, rstd, ctx.shape), None, None, None, None, None, None
         dtype = grad.dtype  # PyTorch's backward takes one dtype: autocast's float32 output, or x's own
         mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
         dx, dw, db = torch.ops.aten.native_group_norm_backward(
@@ -106,7 +106,7 @@ class _GroupNorm(torch.autograd.Function):
             weight.to(dtype) if weight is not None else None, samples, channels, spatial, groups, mask)
         param_dtype = weight.dtype if weight is not None else x.dtype
         return (dx.to(x.dtype) if dx is not None else None, dw.to(param_dtype) if dw is not None else None,
-                db.to(param_dtype) if db is not None else None, None, None, None)
+                db.to(param_dtype) if db is not None else None, None, None, None, None)
 
 
 def input_gradient(grad, x, weight, mean, rstd, shape):

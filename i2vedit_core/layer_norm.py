@@ -51,7 +51,8 @@ def runs_fused(x: torch.Tensor, shape, weight, bias) -> bool:
     if triton is None or torch.compiler.is_compiling() or not (x.is_cuda or INTERPRETED):
         return False
     width = x.shape[-1] if x.dim() else 0
-    return (len(tuple(shape)) == 1 and 0 < width <= MAX_WIDTH and x.numel() > 0
+    return (tuple(shape) == (width,) and 0 < width <= MAX_WIDTH and x.numel() > 0
+            and all(p is None or p.shape == (width,) for p in (weight, bias))
             and keeps_activation_dtype(x, weight, bias))
 
 

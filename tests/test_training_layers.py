@@ -32,6 +32,9 @@ w = torch.randn(16, generator=gen, requires_grad=True)
 with torch.autocast("cpu", dtype=torch.bfloat16):
     trained = ln.layer_norm(x, (16,), w, None, 1e-5)  # a weight that trains: PyTorch's own
 res["ln_trained_weight"] = [type(trained.grad_fn).__name__, str(trained.dtype)]
+with torch.autocast("cpu", dtype=torch.bfloat16):  # a normalized shape or weight not the last dimension's: PyTorch's
+    res["ln_wrong_shape"] = [ln.runs_fused(x, (8,), torch.ones(8).half(), None),
+                             ln.runs_fused(x, (16,), torch.ones(8).half(), None), ln.runs_fused(x, (16,), None, None)]
 x = torch.randn(5, 16, generator=gen)
 res["ln_no_autocast"] = bool(torch.equal(ln.layer_norm(x, (16,), w.detach(), None, 1e-5),
                                          F.layer_norm(x, (16,), w.detach(), None, 1e-5)))
@@ -65,6 +68,7 @@ def test_layer_norm_and_geglu_equal_float64_under_the_interpreter():
             (name, res[name])
     assert res["ln_trained_weight"] == ["NativeLayerNormBackward0", "torch.bfloat16"]  # CPU autocast keeps bf16
     assert res["ln_no_autocast"]
+    assert res["ln_wrong_shape"] == [False, False, True]
     fused, dtype, grad_dtype, rel, grad_diff, gate_diff = res["geglu_torch.float32"]
     assert fused and dtype == grad_dtype == "torch.float32" and rel < 1e-6 and grad_diff < 1e-6 and gate_diff < 1e-6
     fused, dtype, grad_dtype, rel, grad_diff, gate_diff = res["geglu_torch.bfloat16"]

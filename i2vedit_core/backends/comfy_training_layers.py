@@ -1,8 +1,8 @@
 """ComfyUI's LayerNorms and GEGLUs of the UNet through the pack's training kernels (layer_norm.py, geglu.py).
 
-Object-patched `forward`s. Both differ from ComfyUI's own only inside a training step: a LayerNorm under autocast
-with frozen weights writes the activations' dtype (norm_precision.py), a GEGLU whose output autograd records is one
-kernel; an edit's or an inversion's forward runs PyTorch's ops as ComfyUI would. Where ComfyUI casts or patches a
+Object-patched `forward`s. Both differ from ComfyUI's own only under autocast (a training step's mixed precision):
+a LayerNorm with frozen weights writes the activations' dtype (norm_precision.py), a GEGLU is one kernel; an edit's
+or an inversion's forward runs PyTorch's ops as ComfyUI would. Where ComfyUI casts or patches a
 LayerNorm's weights at each call, its own forward runs.
 """
 

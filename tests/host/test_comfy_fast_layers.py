@@ -152,3 +152,33 @@ def test_layer_norm_runs_comfyuis_forward_where_comfyui_casts_the_weights(comfy_
     monkeypatch.setattr(module, "comfy_cast_weights", True)  # partly offloaded: ComfyUI casts at each call
     torch.testing.assert_close(forward(x), type(module).forward(module, x), rtol=0, atol=0)
     assert len(calls) == 1
+
+
+def test_a_training_call_reaches_the_fast_norms_and_geglus_with_frozen_weights(comfy_backend, monkeypatch):
+    """The training step's LayerNorm and GEGLU forwards run, and every LayerNorm and GroupNorm they see has no weight
+    that trains (norm_precision: otherwise autocast's float32 path would quietly run)."""
+    from i2vedit_core import group_norm, layer_norm
+    from i2vedit_core.backends.base import Conditioning
+    from i2vedit_core.lora import LoraSpec
+
+    seen = {"layer": [], "group": [], "geglu": []}
+    for name, module, function in (("layer", layer_norm, "layer_norm"), ("group", group_norm, "group_norm")):
+        real = getattr(module, function)
+        monkeypatch.setattr(module, function, lambda x, shape, w=None, b=None, eps=1e-5, _real=real, _seen=seen[name]:
+                            _seen.append(any(p is not None and p.requires_grad for p in (w, b))) or
+                            _real(x, shape, w, b, eps))
+    real_geglu = GegluForward.__call__
+    monkeypatch.setattr(GegluForward, "__call__", lambda self, *a, **k: seen["geglu"].append(True) or
+                        real_geglu(self, *a, **k))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 4, 8, 8, generator=gen)
+    cond = Conditioning(torch.randn(1, 1, 64, generator=gen), torch.randn(1, 3, 4, 8, 8, generator=gen),
+                        torch.tensor([[6.0, 127.0, 0.02]]))
+    comfy_backend.attach_lora(LoraSpec(rank=2), torch.Generator().manual_seed(0))
+    try:
+        with comfy_backend.lora_training(False):
+            comfy_backend.denoise(x, 1.0, cond).square().mean().backward()
+    finally:
+        comfy_backend.detach_lora()
+    assert len(seen["layer"]) > 0 and len(seen["group"]) > 0 and len(seen["geglu"]) > 0
+    assert not any(seen["layer"]) and not any(seen["group"])
