@@ -9,7 +9,6 @@ from typing import Dict
 
 import torch
 
-from .. import group_norm
 from ..group_norm import GroupNormForward
 
 
@@ -17,10 +16,7 @@ class SplitStatisticsGroupNorm(GroupNormForward):
     """GroupNormForward, except where ComfyUI casts or patches the module's weights at each call."""
 
     def __call__(self, input):
-        m = self.module
-        if casts_per_call(m):
-            return type(m).forward(m, input)
-        return group_norm.group_norm(input, m.num_groups, m.weight, m.bias, m.eps)
+        return type(self.module).forward(self.module, input) if casts_per_call(self.module) else super().__call__(input)
 
 
 def casts_per_call(module: torch.nn.Module) -> bool:

@@ -10,7 +10,6 @@ from typing import Dict
 
 import torch
 
-from .. import layer_norm
 from ..geglu import GegluForward
 from ..layer_norm import LayerNormForward
 from .comfy_group_norm import casts_per_call
@@ -20,10 +19,7 @@ class ComfyLayerNorm(LayerNormForward):
     """LayerNormForward, except where ComfyUI casts or patches the module's weights at each call."""
 
     def __call__(self, input):
-        m = self.module
-        if casts_per_call(m):
-            return type(m).forward(m, input)
-        return layer_norm.layer_norm(input, m.normalized_shape, m.weight, m.bias, m.eps)
+        return type(self.module).forward(self.module, input) if casts_per_call(self.module) else super().__call__(input)
 
 
 def forwards(diffusion_model: torch.nn.Module) -> Dict[str, object]:

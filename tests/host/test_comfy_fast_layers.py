@@ -120,35 +120,25 @@ def test_the_backends_unet_equals_the_plain_model(comfy_parts, comfy_backend):
     assert torch.equal(ours, plain)
 
 
-def test_group_norm_runs_comfyuis_forward_where_comfyui_casts_the_weights(comfy_parts, monkeypatch):
-    from i2vedit_core import group_norm
+@pytest.mark.parametrize("kind", ["group", "layer"])
+def test_a_norm_runs_comfyuis_forward_where_comfyui_casts_the_weights(comfy_parts, monkeypatch, kind):
+    from i2vedit_core import group_norm, layer_norm
 
+    norm_class, forward_class, module_of, name, shape_of = {
+        "group": (torch.nn.GroupNorm, comfy_group_norm.SplitStatisticsGroupNorm, group_norm, "group_norm",
+                  lambda m: (2, m.num_channels, 4, 4)),
+        "layer": (torch.nn.LayerNorm, comfy_training_layers.ComfyLayerNorm, layer_norm, "layer_norm",
+                  lambda m: (2, 5, m.normalized_shape[0]))}[kind]
     module = next(m for m in comfy_parts["model"].model.diffusion_model.modules()
-                  if isinstance(m, torch.nn.GroupNorm) and hasattr(m, "comfy_cast_weights"))
-    forward = comfy_group_norm.SplitStatisticsGroupNorm(module)
+                  if isinstance(m, norm_class) and hasattr(m, "comfy_cast_weights"))
+    forward = forward_class(module)
     calls = []
-    real = group_norm.group_norm
-    monkeypatch.setattr(group_norm, "group_norm", lambda *a: calls.append(a) or real(*a))
-    x = torch.randn(2, module.num_channels, 4, 4)
+    real = getattr(module_of, name)
+    monkeypatch.setattr(module_of, name, lambda *a: calls.append(a) or real(*a))
+    x = torch.randn(shape_of(module))
     torch.testing.assert_close(forward(x), type(module).forward(module, x), rtol=0, atol=0)
-    assert len(calls) == 1 and calls[0][1:] == (module.num_groups, module.weight, module.bias, module.eps)
-    monkeypatch.setattr(module, "comfy_cast_weights", True)  # partly offloaded: ComfyUI casts at each call
-    torch.testing.assert_close(forward(x), type(module).forward(module, x), rtol=0, atol=0)
-    assert len(calls) == 1
-
-
-def test_layer_norm_runs_comfyuis_forward_where_comfyui_casts_the_weights(comfy_parts, monkeypatch):
-    from i2vedit_core import layer_norm
-
-    module = next(m for m in comfy_parts["model"].model.diffusion_model.modules()
-                  if isinstance(m, torch.nn.LayerNorm) and hasattr(m, "comfy_cast_weights"))
-    forward = comfy_training_layers.ComfyLayerNorm(module)
-    calls = []
-    real = layer_norm.layer_norm
-    monkeypatch.setattr(layer_norm, "layer_norm", lambda *a: calls.append(a) or real(*a))
-    x = torch.randn(2, 5, module.normalized_shape[0])
-    torch.testing.assert_close(forward(x), type(module).forward(module, x), rtol=0, atol=0)
-    assert len(calls) == 1 and calls[0][1:] == (module.normalized_shape, module.weight, module.bias, module.eps)
+    size = module.num_groups if kind == "group" else module.normalized_shape
+    assert len(calls) == 1 and calls[0][1:] == (size, module.weight, module.bias, module.eps)
     monkeypatch.setattr(module, "comfy_cast_weights", True)  # partly offloaded: ComfyUI casts at each call
     torch.testing.assert_close(forward(x), type(module).forward(module, x), rtol=0, atol=0)
     assert len(calls) == 1
