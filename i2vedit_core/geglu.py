@@ -13,19 +13,11 @@ recomputation alike), so an edit's or an inversion's forwards stay bit for bit t
 CPU tensors without the interpreter, no Triton, inside torch.compile) it is PyTorch's.
 """
 
-import contextlib
-import os
-
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # optional at run time: PyTorch's ops
-    triton = None
+from .kernel_support import kernels_run_on, on_device, tl, triton
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 ROWS, COLUMNS = 4, 256  # a tile of the product; columns contiguous in memory
 
 
@@ -48,7 +40,7 @@ class GegluForward:
 
 
 def runs_fused(projected: torch.Tensor) -> bool:
-    if triton is None or torch.compiler.is_compiling() or not (projected.is_cuda or INTERPRETED):
+    if not kernels_run_on(projected):
         return False
     return (torch.is_autocast_enabled(projected.device.type) and projected.is_floating_point()
             and projected.dim() >= 1 and projected.shape[-1] % 2 == 0 and projected.numel() > 0)
@@ -60,7 +52,7 @@ class _Geglu(torch.autograd.Function):
         projected = projected.contiguous()
         half = projected.shape[-1] // 2
         out = torch.empty(*projected.shape[:-1], half, dtype=projected.dtype, device=projected.device)
-        with _on(projected):
+        with on_device(projected):
             _forward_kernel[grid(out)](projected, out, out.numel() // half, half, ROWS=ROWS, COLUMNS=COLUMNS)
         ctx.save_for_backward(projected)
         return out
@@ -72,7 +64,7 @@ class _Geglu(torch.autograd.Function):
         grad = grad.contiguous()
         half = projected.shape[-1] // 2
         d_projected = torch.empty_like(projected)
-        with _on(projected):
+        with on_device(projected):
             _backward_kernel[grid(grad)](projected, grad, d_projected, grad.numel() // half, half, ROWS=ROWS,
                                          COLUMNS=COLUMNS)
         return d_projected
@@ -82,9 +74,6 @@ def grid(product: torch.Tensor):
     half = product.shape[-1]
     return triton.cdiv(product.numel() // half, ROWS), triton.cdiv(half, COLUMNS)
 
-
-def _on(x):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 if triton is not None:

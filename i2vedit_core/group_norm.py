@@ -16,21 +16,12 @@ training step's path, backward is PyTorch's own (`native_group_norm_backward`) f
 TRITON_INTERPRET=1 (how the tests check it).
 """
 
-import contextlib
-import os
-
 import torch
 import torch.nn.functional as F
 
+from .kernel_support import kernels_run_on, on_device, tl, triton
 from .norm_precision import keeps_activation_dtype
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # optional at run time: F.group_norm
-    triton = None
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 1024
 CHUNK = 16 * BLOCK  # elements of one group per program
 # PyTorch's kernel is as fast where it has enough (sample, group) rows to fill the GPU: 14 frames x 32 groups
@@ -65,7 +56,7 @@ def runs_fused(x: torch.Tensor, groups: int, any_rows: bool = False) -> bool:
     """Whether the split kernels run: on CUDA (or interpreted), outside torch.compile, below SPLIT_BELOW_ROWS
     (sample, group) rows unless `any_rows` (PyTorch's float32 output under autocast costs more than its kernel
     saves)."""
-    if triton is None or torch.compiler.is_compiling() or not (x.is_cuda or INTERPRETED):
+    if not kernels_run_on(x):
         return False
     if not (x.dim() >= 2 and x.is_floating_point() and x.shape[1] % groups == 0 and x.numel() > 0):
         return False
@@ -83,7 +74,7 @@ class _GroupNorm(torch.autograd.Function):
         out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
         group_size = channels // groups * spatial
         grid = (samples * groups, triton.cdiv(group_size, CHUNK))
-        with _on(x):
+        with on_device(x):
             _normalize_kernel[grid](x, weight if weight is not None else x, bias if bias is not None else x, mean,
                                     rstd, out, group_size, spatial, channels // groups, groups,
                                     HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, CHUNK=CHUNK, BLOCK=BLOCK)
@@ -120,7 +111,7 @@ def input_gradient(grad, x, weight, mean, rstd, shape):
     dx = torch.empty_like(x)
     args = (x, grad, weight if weight is not None else x, mean, rstd)
     sizes = (group_size, spatial, channels // groups, groups, chunks)
-    with _on(x):
+    with on_device(x):
         _grad_partial_kernel[(samples * groups, chunks)](*args, partial, *sizes, HAS_WEIGHT=weight is not None,
                                                          CHUNK=CHUNK, BLOCK=BLOCK)
         _grad_input_kernel[(samples * groups, chunks)](*args, partial, dx, *sizes, HAS_WEIGHT=weight is not None,
@@ -137,15 +128,12 @@ def statistics(x: torch.Tensor, groups: int, eps: float):
     partial = torch.empty(samples * groups, chunks, 2, dtype=torch.float32, device=x.device)
     mean = torch.empty(samples, groups, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    with _on(x):
+    with on_device(x):
         _partial_kernel[(samples * groups, chunks)](x, partial, group_size, chunks, CHUNK=CHUNK, BLOCK=BLOCK)
         _merge_kernel[(samples * groups,)](partial, mean, rstd, group_size, chunks, eps, CHUNK=CHUNK,
                                            CHUNKS=triton.next_power_of_2(chunks))
     return mean, rstd
 
-
-def _on(x):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 if triton is not None:

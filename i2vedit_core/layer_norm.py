@@ -9,21 +9,12 @@ interpreter, no Triton, inside torch.compile) it is `F.layer_norm`. Runs on CPU 
 TRITON_INTERPRET=1 (how the tests check it).
 """
 
-import contextlib
-import os
-
 import torch
 import torch.nn.functional as F
 
+from .kernel_support import kernels_run_on, on_device, tl, triton
 from .norm_precision import keeps_activation_dtype
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # optional at run time: F.layer_norm
-    triton = None
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 TILE = 4096  # elements of one program: several rows of SVD's 320-1280 channels
 MAX_WIDTH = 8192
 
@@ -48,7 +39,7 @@ class LayerNormForward:
 
 
 def runs_fused(x: torch.Tensor, shape, weight, bias) -> bool:
-    if triton is None or torch.compiler.is_compiling() or not (x.is_cuda or INTERPRETED):
+    if not kernels_run_on(x):
         return False
     width = x.shape[-1] if x.dim() else 0
     return (tuple(shape) == (width,) and 0 < width <= MAX_WIDTH and x.numel() > 0
@@ -66,7 +57,7 @@ class _LayerNorm(torch.autograd.Function):
         mean = torch.empty(rows, dtype=torch.float32, device=x.device)
         rstd = torch.empty_like(mean)
         block, per_program = tiling(width)
-        with _on(x):
+        with on_device(x):
             _forward_kernel[(triton.cdiv(rows, per_program),)](
                 x, weight if weight is not None else x, bias if bias is not None else x, out, mean, rstd, rows,
                 width, eps, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ROWS=per_program, BLOCK=block)
@@ -82,7 +73,7 @@ class _LayerNorm(torch.autograd.Function):
         rows = x.numel() // width
         dx = torch.empty_like(x)
         block, per_program = tiling(width)
-        with _on(x):
+        with on_device(x):
             _backward_kernel[(triton.cdiv(rows, per_program),)](
                 x, grad, weight if weight is not None else x, mean, rstd, dx, rows, width,
                 HAS_WEIGHT=weight is not None, ROWS=per_program, BLOCK=block)
@@ -94,9 +85,6 @@ def tiling(width: int):
     block = triton.next_power_of_2(width)
     return block, max(1, TILE // block)
 
-
-def _on(x):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 if triton is not None:
