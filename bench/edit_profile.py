@@ -89,17 +89,14 @@ def sync_sites(run, frames=4):
                  if "/torch/" not in f.filename and "warnings" not in f.filename]
         sites[" <- ".join(reversed(stack[-frames:]))] += 1
 
-    shown = warnings.showwarning
-    warnings.showwarning = record
     torch.cuda.set_sync_debug_mode("warn")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # restores showwarning on exit
             warnings.simplefilter("always")
             warnings.showwarning = record
             run()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-        warnings.showwarning = shown
     return sites
 
 

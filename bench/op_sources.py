@@ -13,6 +13,7 @@ fused attention, both with the log-sum-exp; and F.group_norm against the pack's 
 """
 
 import argparse
+import contextlib
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -118,9 +119,10 @@ def plain_forward(model, size):
     return run
 
 
+@contextlib.contextmanager
 def pack_training_step(parts, size):
-    """The pack's eager training step (fast tier, the real LoRA spec) through a ComfyBackend on `parts`; the step
-    and a function that lets the backend go."""
+    """The pack's eager training step (fast tier, the real LoRA spec) through a ComfyBackend on `parts`, released
+    on exit."""
     import comfy.model_management as mm
     from i2vedit_core.lora import LoraSpec
     from i2vedit_core.training import TrainingSettings
@@ -128,15 +130,12 @@ def pack_training_step(parts, size):
     backend = builders.comfy_backend(parts)
     z0, cond = inputs(backend, size["frames"], size["hw"], size["context"])
     mm.load_models_gpu([backend.patcher])
-    scope = backend.lora_training(False)
-    scope.__enter__()
-    step = pack_step(backend, z0, cond, LoraSpec(), TrainingSettings())
-
-    def release():
-        scope.__exit__(None, None, None)
+    try:
+        with backend.lora_training(False):
+            yield pack_step(backend, z0, cond, LoraSpec(), TrainingSettings())
+    finally:
         backend.detach_lora()
         backend.release()
-    return step, release
 
 
 def attention_kernels(emit, frames=14, reps=10):
@@ -215,10 +214,9 @@ def main(argv=None):
     report(emit, f"bare-LoRA training step, bf16 autocast, {train['hw'][0]}x{train['hw'][1]}", profile_stacks(step),
            args.top)
     if args.pack:
-        step, release = pack_training_step(parts, train)
-        report(emit, f"the pack's eager training step, {train['hw'][0]}x{train['hw'][1]}", profile_stacks(step),
-               args.top)
-        release()
+        with pack_training_step(parts, train) as step:
+            report(emit, f"the pack's eager training step, {train['hw'][0]}x{train['hw'][1]}", profile_stacks(step),
+                   args.top)
     attention_kernels(emit)
     group_norm_kernels(emit)
     emit.write(args.out, "op_sources.md")
